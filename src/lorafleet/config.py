@@ -1,0 +1,290 @@
+"""One typed config tree: the only place defaults live.
+
+Every experiment is one YAML file validated here; the CLI only overrides fields
+(``--set train.lr=3e-4``). Each field documents itself once in its ``description``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorafleet.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "DeviceProfile",
+    "ExperimentConfig",
+    "FleetConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "PartitionConfig",
+    "SketchConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "minilm",
+        description="Embedded asset name (minilm, smollm2-135m), a Hugging Face model id, "
+        "or a local directory holding a transformers model.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of the frozen base weights."
+    )
+
+
+class DataConfig(_Section):
+    dataset: str = Field(
+        "bbc-news",
+        description="Embedded dataset (bbc-news, rotten-tomatoes, hamlet, dialogue), a "
+        "`datasets` hub name, or a local csv/json/jsonl/parquet file or saved dataset dir.",
+    )
+    text_field: str = Field("text", description="Column holding the input text.")
+    label_field: str = Field("label", description="Column holding the class label.")
+    split: str = Field("train", description="Split to read from a `datasets` dataset.")
+    max_examples: int | None = Field(
+        None, gt=0, description="Keep at most this many examples (after a seeded shuffle)."
+    )
+    eval_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Fraction held out for server-side evaluation."
+    )
+    max_eval_examples: int | None = Field(
+        None, gt=0, description="Cap on held-out examples evaluated (for speed)."
+    )
+    max_length: int = Field(128, gt=8, description="Tokens per example after truncation.")
+
+
+class TaskConfig(_Section):
+    kind: Literal["classification", "generative-classification", "causal-lm"] = Field(
+        "classification",
+        description="classification: a classifier head, accuracy; generative-classification: "
+        "a causal LM answers a label word, exact match; causal-lm: next-token loss, perplexity.",
+    )
+    prompt_template: str = Field(
+        "{text}\nTopic:",
+        description="Prompt for generative-classification; `{text}` is the example text.",
+    )
+    eval_batch_size: int = Field(32, gt=0, description="Batch size for evaluation.")
+
+
+class PartitionConfig(_Section):
+    kind: Literal["iid", "dirichlet", "pathological", "quantity"] = Field(
+        "dirichlet",
+        description="iid; dirichlet label skew (alpha); pathological (labels_per_client "
+        "labels each); quantity skew (Dirichlet(alpha) over client sizes, labels iid).",
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skew).")
+    labels_per_client: int = Field(2, gt=0, description="Labels per client (pathological).")
+    min_examples: int = Field(2, gt=0, description="Every client holds at least this many.")
+
+
+class LoraSettings(_Section):
+    rank: int = Field(8, gt=0, description="Global LoRA rank r kept by the server.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling s = alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    use_rslora: bool = Field(False, description="rsLoRA scaling s = alpha / sqrt(r).")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt; default per architecture: query/value (BERT), "
+        "q_proj/v_proj (Llama family), c_attn (GPT-2).",
+    )
+    train_head: bool = Field(
+        True,
+        description="Classification: train and federate the classifier head (dense values).",
+    )
+
+
+class SketchConfig(_Section):
+    kind: Literal["ratios", "uniform", "normal", "heavy-tailed-low", "fixed", "profile"] = Field(
+        "ratios",
+        description="How each client's sketch size k_i is drawn: ratios (from `ratios` of r), "
+        "uniform/normal/heavy-tailed-low over [k_min, k_max], fixed (`ranks`), or profile "
+        "(from the device's memory).",
+    )
+    ratios: list[float] = Field(
+        [0.125, 0.25, 0.5], description="Sketch ratios k_i / r to draw from (each in (0, 1])."
+    )
+    k_min: int | None = Field(None, gt=0, description="Smallest sketch size (default 1).")
+    k_max: int | None = Field(None, gt=0, description="Largest sketch size (default r).")
+    ranks: list[int] | None = Field(
+        None, description="Explicit k_i per client (kind: fixed); cycled if shorter."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SketchConfig:
+        if any(not 0 < x <= 1 for x in self.ratios):
+            raise ValueError("ratios must each be in (0, 1]")
+        if not self.ratios:
+            raise ValueError("ratios must not be empty")
+        if self.ranks is not None and any(k <= 0 for k in self.ranks):
+            raise ValueError("ranks must be positive")
+        if self.k_min and self.k_max and self.k_min > self.k_max:
+            raise ValueError("k_min must be <= k_max")
+        return self
+
+
+class DeviceProfile(_Section):
+    name: str = Field("device", description="A label for the device kind.")
+    memory_gb: float = Field(8.0, gt=0, description="Memory available for training, GB.")
+    tflops: float = Field(1.0, gt=0, description="Sustained compute, TFLOP/s.")
+    up_mbps: float = Field(20.0, gt=0, description="Uplink bandwidth, Mbit/s.")
+    down_mbps: float = Field(100.0, gt=0, description="Downlink bandwidth, Mbit/s.")
+    availability: float = Field(1.0, gt=0, le=1, description="Chance to be reachable a round.")
+
+
+class FleetConfig(_Section):
+    profiles: list[DeviceProfile] | None = Field(
+        None, description="Explicit device profiles, cycled over clients."
+    )
+    distribution: Literal["mixed", "uniform", "phones", "edge-servers"] = Field(
+        "mixed", description="Named profile distribution when `profiles` is not given."
+    )
+    sketch: SketchConfig = Field(default_factory=SketchConfig)
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(5, gt=0, description="H: local optimizer steps per round.")
+    batch_size: int = Field(16, gt=0, description="Client batch size.")
+    lr: float = Field(5e-4, gt=0, description="Client learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer.")
+    weight_decay: float = Field(0.0, ge=0, description="Client weight decay.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the client gradient norm.")
+    clients_per_round: int | None = Field(
+        None, gt=0, description="Clients sampled per round (default: all)."
+    )
+    eval_every: int = Field(1, gt=0, description="Evaluate the global model every N rounds.")
+    server_optimizer: Literal["avg", "adam", "adamw"] = Field(
+        "avg", description="Server step on the pseudo-gradient: plain average or FedOpt Adam(W)."
+    )
+    server_lr: float = Field(1.0, gt=0, description="Server learning rate eta_s.")
+    aggregation_weights: Literal["uniform", "examples"] = Field(
+        "uniform", description="p_i: uniform over sampled clients, or by example counts."
+    )
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("experiment", description="A label for the run.")
+    algorithm: str = Field("fslora", description="Federated algorithm (see `lorafleet algorithms`).")
+    rounds: int = Field(10, gt=0, description="Communication rounds.")
+    seed: int = Field(0, ge=0, description="One seed fixes data split, sketches and training.")
+    num_clients: int = Field(10, gt=0, description="Clients in the fleet.")
+    runtime: Literal["local"] = Field("local", description="Where the run executes.")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> ExperimentConfig:
+        r = self.lora.rank
+        sk = self.fleet.sketch
+        if sk.k_max is not None and sk.k_max > r:
+            raise ValueError(f"fleet.sketch.k_max={sk.k_max} exceeds lora.rank={r}")
+        if sk.k_min is not None and sk.k_min > r:
+            raise ValueError(f"fleet.sketch.k_min={sk.k_min} exceeds lora.rank={r}")
+        if sk.ranks is not None and max(sk.ranks) > r:
+            raise ValueError(
+                f"fleet.sketch.ranks: sketch size {max(sk.ranks)} exceeds lora.rank={r} "
+                f"(allowed: 1..{r})"
+            )
+        cpr = self.train.clients_per_round
+        if cpr is not None and cpr > self.num_clients:
+            raise ValueError(
+                f"train.clients_per_round={cpr} exceeds num_clients={self.num_clients}"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what a run directory stores)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> ConfigError:
+    """Turn pydantic's first error into one line naming the field and what is allowed."""
+    first = err.errors()[0]
+    loc = [str(x) for x in first["loc"]]
+    field = ".".join(loc) or "<root>"
+    if first["type"] == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1])
+        return ConfigError(field, f"unknown key (allowed: {', '.join(allowed)})")
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    return ConfigError(field, msg)
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    cur: Any = model
+    for name in path:
+        info = cur.model_fields.get(name) if hasattr(cur, "model_fields") else None
+        if info is None:
+            return []
+        ann = info.annotation
+        cur = ann
+    return list(cur.model_fields) if hasattr(cur, "model_fields") else []
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key=value, e.g. train.lr=3e-4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw dict into an ExperimentConfig, raising a one-line ConfigError."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation_error(err, ExperimentConfig) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("CONFIG", f"no such file: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError("CONFIG", f"{p} is not valid YAML ({err})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("CONFIG", f"{p} must hold a mapping of config sections")
+        raw = loaded or {}
+    return validate_config(apply_overrides(raw, overrides or []))
