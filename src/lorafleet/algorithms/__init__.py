@@ -1,0 +1,51 @@
+"""Federated algorithms: one file per method, pure steps over named tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorafleet.algorithms.base import (
+    AdapterSpec,
+    ClientInfo,
+    ClientResult,
+    ClientTrainer,
+    FederatedAlgorithm,
+    GlobalAdapter,
+    Payload,
+    ServerState,
+    Tensors,
+)
+from lorafleet.algorithms.fedavg import FedAvg
+from lorafleet.algorithms.fslora import FSLoRA
+from lorafleet.errors import ConfigError
+
+__all__ = [
+    "ALGORITHMS",
+    "AdapterSpec",
+    "ClientInfo",
+    "ClientResult",
+    "ClientTrainer",
+    "FSLoRA",
+    "FedAvg",
+    "FederatedAlgorithm",
+    "GlobalAdapter",
+    "Payload",
+    "ServerState",
+    "Tensors",
+    "make_algorithm",
+]
+
+ALGORITHMS: dict[str, type[FederatedAlgorithm]] = {
+    FSLoRA.name: FSLoRA,
+    FedAvg.name: FedAvg,
+}
+
+
+def make_algorithm(name: str, spec: AdapterSpec, *, seed: int, **options: Any
+                   ) -> FederatedAlgorithm:
+    """Build the algorithm registered as ``name``; unknown names raise a ConfigError."""
+    cls = ALGORITHMS.get(name)
+    if cls is None:
+        raise ConfigError("algorithm", f"unknown algorithm '{name}' (allowed: "
+                          f"{', '.join(ALGORITHMS)})")
+    return cls(spec, seed=seed, **options)

@@ -1,0 +1,209 @@
+"""The small contract every federated algorithm implements.
+
+A federated algorithm is a server state plus three pure steps over named tensors:
+
+- ``plan(state, client, round) -> Payload``: what the server sends client i in round t;
+- ``client_update(trainer, payload, batches) -> Update``: local training, through a
+  :class:`ClientTrainer` that hides the model and the LoRA engine;
+- ``aggregate(state, results, round) -> ServerState``: the new server state.
+
+Payloads and updates are ``dict[str, Tensor]`` so any runtime can ship them. Tensor names:
+
+- ``"<module>.lora_A"``: A of the adapted module, shape ``(k, n)``;
+- ``"<module>.lora_B"``: B of the adapted module, shape ``(m, k)``;
+- ``"<param>"`` for a dense trainable parameter (e.g. a classifier head's ``classifier.weight``).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+__all__ = [
+    "AdapterSpec",
+    "Batch",
+    "ClientInfo",
+    "ClientResult",
+    "ClientTrainer",
+    "FederatedAlgorithm",
+    "GlobalAdapter",
+    "Payload",
+    "ServerState",
+    "Tensors",
+    "lora_key",
+    "split_key",
+]
+
+Tensors = dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
+
+
+def lora_key(module: str, which: str) -> str:
+    """Name of a LoRA factor on the wire: ``lora_key("q", "A") == "q.lora_A"``."""
+    return f"{module}.lora_{which}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """Inverse of :func:`lora_key`: ``("q", "A")``; dense names give ``(name, None)``."""
+    for which in ("A", "B"):
+        suffix = f".lora_{which}"
+        if key.endswith(suffix):
+            return key[: -len(suffix)], which
+    return key, None
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What is adapted and how: the shapes every algorithm plans over.
+
+    Attributes:
+        modules: adapted module name -> (m, n), so B: (m, r) and A: (r, n).
+        dense: trainable non-LoRA parameter name -> shape (e.g. a classifier head).
+        rank: the global rank r.
+        alpha: LoRA alpha.
+        use_rslora: scaling alpha / sqrt(rank) instead of alpha / rank.
+        initial: the initial global tensors (rank-r A and B as PEFT initialises them, dense).
+    """
+
+    modules: dict[str, tuple[int, int]]
+    dense: dict[str, tuple[int, ...]]
+    rank: int
+    alpha: float
+    use_rslora: bool
+    initial: Tensors = field(repr=False)
+
+    def scaling(self, rank: int) -> float:
+        """LoRA scaling s for an adapter of this rank: alpha/rank (or alpha/sqrt(rank))."""
+        return self.alpha / math.sqrt(rank) if self.use_rslora else self.alpha / rank
+
+    def lora_values(self, rank: int) -> int:
+        """LoRA values a rank-``rank`` adapter holds over all modules: rank * sum(m + n)."""
+        return rank * sum(m + n for m, n in self.modules.values())
+
+    def dense_values(self) -> int:
+        """Values in the dense trainable parameters."""
+        return sum(math.prod(s) for s in self.dense.values())
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A client as the server sees it: its id, its rank budget k_i and data size n_i."""
+
+    id: int
+    rank: int
+    num_examples: int
+
+
+@dataclass
+class ServerState:
+    """Server state: named tensors plus small JSON-able metadata (checkpointable as is)."""
+
+    tensors: Tensors
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Payload:
+    """What the server sends one client for one round.
+
+    Attributes:
+        tensors: initial adapter (and dense) values the client trains from.
+        ranks: adapter rank per module for the client's adapter.
+        scaling: LoRA scaling per module for the client's adapter.
+        config: small extra settings (JSON-able).
+    """
+
+    tensors: Tensors
+    ranks: dict[str, int]
+    scaling: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientResult:
+    """What a client sends back: named tensors (the algorithm says what they mean)."""
+
+    tensors: Tensors
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GlobalAdapter:
+    """The global model as an adapter: rank-``rank`` factors with scaling ``scaling``.
+
+    ``tensors`` may also hold dense parameters. ``base_delta`` holds updates already merged
+    into the base weights (``module -> (m, n)`` tensor), empty for algorithms that do not merge.
+    """
+
+    tensors: Tensors
+    rank: int
+    scaling: float
+    base_delta: Tensors = field(default_factory=dict)
+
+
+class ClientTrainer(Protocol):
+    """Trains one client adapter; implemented by the models layer, called by algorithms."""
+
+    def train(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        ranks: Mapping[str, int],
+        scaling: Mapping[str, float],
+        batches: Iterable[Batch],
+    ) -> tuple[Tensors, dict[str, float]]:
+        """Load ``tensors`` into an adapter of ``ranks``/``scaling``, train on ``batches``.
+
+        Returns the trained values under the same names and metrics (at least ``loss``).
+        """
+        ...
+
+
+class FederatedAlgorithm(ABC):
+    """Base class for federated algorithms: pure steps over named tensors, no I/O."""
+
+    name: ClassVar[str]
+    merges_into_base: ClassVar[bool] = False
+
+    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
+        self.spec = spec
+        self.seed = seed
+        self.options = options
+
+    @abstractmethod
+    def init_state(self) -> ServerState:
+        """The server state before round 0."""
+
+    @abstractmethod
+    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
+        """What client ``client`` receives in round ``round`` (deterministic in the seed)."""
+
+    def client_update(
+        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
+    ) -> ClientResult:
+        """Default local step: train from the payload and send back the deltas."""
+        trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
+        deltas = {k: trained[k] - payload.tensors[k] for k in payload.tensors}
+        return ClientResult(tensors=deltas, num_examples=0, metrics=metrics)
+
+    @abstractmethod
+    def aggregate(
+        self,
+        state: ServerState,
+        results: list[tuple[ClientInfo, Payload, ClientResult]],
+        round: int,
+    ) -> ServerState:
+        """The new server state from the round's accepted client results."""
+
+    @abstractmethod
+    def global_adapter(self, state: ServerState) -> GlobalAdapter:
+        """The global model described by ``state`` (for evaluation and export)."""
+
+    def expected_update_shapes(self, payload: Payload) -> dict[str, tuple[int, ...]]:
+        """Shapes a valid update for ``payload`` has (default: those of the payload)."""
+        return {k: tuple(v.shape) for k, v in payload.tensors.items()}

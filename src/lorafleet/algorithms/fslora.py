@@ -1,0 +1,151 @@
+"""FSLoRA: federated sketching LoRA (Fang et al., 2025; DESIGN.md section 2).
+
+The server keeps one global rank-r pair (B, A) per module. In round t client i (sketch size
+k_i) gets, per module, one index set I of size k_i drawn uniformly without replacement and
+shared by that module's A and B, and trains a real rank-k_i adapter initialised at
+B[:, I], A[I, :] with scaling s * r / k_i, since W0 + s * B S A = W0 + s (r/k) B[:, I] A[I, :]
+for the sketch S = (r/k) diag(1_I). It returns the deltas; the server scatters them back
+and averages over the clients of the round: g = (1/|S_t|) sum_i scatter(dB_I, dA_I).
+
+Index sets are a pure function of (seed, round, client, module), so ``aggregate`` redraws
+exactly what ``plan`` sent, nothing has to be kept between the two, and a resumed run
+draws the same sketches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, ClassVar
+
+import torch
+
+from lorafleet.algorithms.base import (
+    AdapterSpec,
+    ClientInfo,
+    ClientResult,
+    FederatedAlgorithm,
+    GlobalAdapter,
+    Payload,
+    ServerState,
+    Tensors,
+    lora_key,
+)
+from lorafleet.algorithms.server_opt import server_step
+
+__all__ = ["FSLoRA", "aggregation_weights", "sketch_indices", "sketch_matrix"]
+
+
+def _derive_seed(*parts: int | str) -> int:
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def sketch_indices(seed: int, round: int, client: int, module: str, rank: int, k: int
+                   ) -> torch.Tensor:
+    """The index set I (sorted, |I| = k) of ``module`` for ``client`` in ``round``.
+
+    Uniform over the k-subsets of {0..rank-1}; one set per (module, client, round), shared
+    by that module's A and B.
+    """
+    if not 0 < k <= rank:
+        raise ValueError(f"sketch size k={k} must be in [1, {rank}]")
+    gen = torch.Generator().manual_seed(_derive_seed(seed, "sketch", round, client, module))
+    return torch.randperm(rank, generator=gen)[:k].sort().values
+
+
+def sketch_matrix(indices: torch.Tensor, rank: int) -> torch.Tensor:
+    """S = (r/k) diag(1_I), an (r, r) matrix with E[S] = I over uniform index draws."""
+    # FSLoRA: E[S] = I, S = (r/k) diag(1_I)
+    diag = torch.zeros(rank)
+    diag[indices] = rank / len(indices)
+    return torch.diag(diag)
+
+
+def aggregation_weights(
+    results: list[tuple[ClientInfo, Payload, ClientResult]], mode: str
+) -> list[float]:
+    """p_i over a round's accepted clients: uniform 1/|S_t|, or proportional to n_i."""
+    if mode == "examples":
+        total = sum(c.num_examples for c, _, _ in results)
+        return [c.num_examples / total for c, _, _ in results]
+    return [1.0 / len(results)] * len(results)
+
+
+class FSLoRA(FederatedAlgorithm):
+    """Federated sketching LoRA with plain-average or Adam(W) server steps.
+
+    Options:
+        server_optimizer: "avg" | "adam" | "adamw".
+        server_lr: eta_s.
+        aggregation_weights: "uniform" (1/|S_t|, the paper's) | "examples".
+    """
+
+    name: ClassVar[str] = "fslora"
+    homogeneous: ClassVar[bool] = False
+
+    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
+        super().__init__(spec, seed=seed, **options)
+        self.server_optimizer = str(options.get("server_optimizer", "avg"))
+        self.server_lr = float(options.get("server_lr", 1.0))
+        self.weighting = str(options.get("aggregation_weights", "uniform"))
+
+    def _params_keys(self) -> list[str]:
+        keys = [lora_key(m, w) for m in self.spec.modules for w in ("A", "B")]
+        return keys + list(self.spec.dense)
+
+    def init_state(self) -> ServerState:
+        """Global (B, A) and dense values as PEFT initialised them (B = 0)."""
+        return ServerState(tensors={k: self.spec.initial[k].clone() for k in self._params_keys()})
+
+    def client_rank(self, client: ClientInfo) -> int:
+        """k_i for this client (its own sketch size)."""
+        return client.rank
+
+    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
+        """B[:, I] and A[I, :] per module, scaling s * r / k_i, plus the dense values."""
+        r, k = self.spec.rank, self.client_rank(client)
+        tensors: Tensors = {}
+        for module in self.spec.modules:
+            idx = sketch_indices(self.seed, round, client.id, module, r, k)
+            tensors[lora_key(module, "A")] = state.tensors[lora_key(module, "A")][idx, :].clone()
+            tensors[lora_key(module, "B")] = state.tensors[lora_key(module, "B")][:, idx].clone()
+        for name in self.spec.dense:
+            tensors[name] = state.tensors[name].clone()
+        scale = self.spec.scaling(r) * r / k
+        return Payload(
+            tensors=tensors,
+            ranks=dict.fromkeys(self.spec.modules, k),
+            scaling=dict.fromkeys(self.spec.modules, scale),
+        )
+
+    def aggregate(
+        self,
+        state: ServerState,
+        results: list[tuple[ClientInfo, Payload, ClientResult]],
+        round: int,
+    ) -> ServerState:
+        """g = sum_i p_i scatter(dB_I, dA_I) (p_i = 1/|S_t| by default); then a server step."""
+        if not results:
+            return state
+        params = {k: state.tensors[k] for k in self._params_keys()}
+        grad = {k: torch.zeros_like(v) for k, v in params.items()}
+        r = self.spec.rank
+        for p, (client, _, result) in zip(aggregation_weights(results, self.weighting), results,
+                                          strict=True):
+            k = self.client_rank(client)
+            for module in self.spec.modules:
+                idx = sketch_indices(self.seed, round, client.id, module, r, k)
+                grad[lora_key(module, "A")][idx, :] += p * result.tensors[lora_key(module, "A")]
+                grad[lora_key(module, "B")][:, idx] += p * result.tensors[lora_key(module, "B")]
+            for name in self.spec.dense:
+                grad[name] += p * result.tensors[name]
+        new_params, opt_tensors, meta = server_step(
+            state, params, grad, optimizer=self.server_optimizer, lr=self.server_lr
+        )
+        return ServerState(tensors={**new_params, **opt_tensors}, meta={**state.meta, **meta})
+
+    def global_adapter(self, state: ServerState) -> GlobalAdapter:
+        """The global rank-r adapter with scaling s."""
+        tensors = {k: state.tensors[k] for k in self._params_keys()}
+        return GlobalAdapter(tensors=tensors, rank=self.spec.rank,
+                             scaling=self.spec.scaling(self.spec.rank))

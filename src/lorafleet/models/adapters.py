@@ -1,0 +1,352 @@
+"""One frozen base model, PEFT LoRA adapters swapped per client rank.
+
+The local runtime simulates N clients with one copy of the base weights. Each distinct
+client rank gets one PEFT adapter (created once, reused); a client's round loads its
+payload into that adapter, trains it, and reads the result back. Memory therefore grows
+with the number of distinct ranks, not with the number of clients.
+
+PEFT cannot resize a live LoRA module (peft issue 825), hence one adapter per rank. The
+LoRA scaling of a payload (e.g. FSLoRA's s * r / k) is written into PEFT's per-adapter
+``scaling`` dict, which its forward multiplies in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.other import transpose
+
+from lorafleet.algorithms.base import AdapterSpec, Batch, Tensors, lora_key, split_key
+
+__all__ = ["AdaptedModel", "LossFn", "PeftClientTrainer", "split_lora"]
+
+GLOBAL_ADAPTER = "default"  # PEFT saves the "default" adapter at the top of the directory
+
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+class AdaptedModel:
+    """A frozen base model wrapped by PEFT, with a rank-r global adapter and per-rank ones.
+
+    Args:
+        base: a transformers model (frozen by PEFT).
+        target_modules: module names to adapt (PEFT ``target_modules``).
+        head_modules: dense modules trained and federated in full (PEFT ``modules_to_save``).
+        rank: the global rank r.
+        alpha: LoRA alpha.
+        dropout: LoRA dropout.
+        use_rslora: rsLoRA scaling for the global adapter.
+        seed: seeds PEFT's initialisation of the global adapter.
+    """
+
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        *,
+        target_modules: list[str],
+        head_modules: list[str],
+        rank: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        seed: int,
+    ) -> None:
+        self._lora_kwargs = {
+            "target_modules": list(target_modules),
+            "modules_to_save": list(head_modules) or None,
+            "lora_dropout": dropout,
+        }
+        self.rank = rank
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            config = LoraConfig(
+                r=rank, lora_alpha=alpha, use_rslora=use_rslora, **self._lora_kwargs  # type: ignore[arg-type]
+            )
+            self.peft: PeftModel = get_peft_model(base, config, adapter_name=GLOBAL_ADAPTER)
+        self.peft.eval()
+        self._lora_layers: dict[str, LoraLayer] = {}
+        self._heads: dict[str, ModulesToSaveWrapper] = {}
+        inner = self.peft.base_model.model
+        for name, module in inner.named_modules():
+            if isinstance(module, LoraLayer):
+                self._lora_layers[name] = module
+            elif isinstance(module, ModulesToSaveWrapper):
+                self._heads[name] = module
+        if not self._lora_layers:
+            raise ValueError(f"no module matched lora.target_modules={target_modules}")
+        self._base_weights: dict[str, torch.Tensor] = {}
+        self.spec = AdapterSpec(
+            modules={n: self._shape(layer) for n, layer in self._lora_layers.items()},
+            dense={k: tuple(v.shape) for k, v in self._dense_params(GLOBAL_ADAPTER).items()},
+            rank=rank,
+            alpha=alpha,
+            use_rslora=use_rslora,
+            initial=self.read(GLOBAL_ADAPTER),
+        )
+        self._adapters: dict[tuple[tuple[str, int], ...], str] = {}
+
+    # ----------------------------------------------------------------- introspection
+    @staticmethod
+    def _shape(layer: LoraLayer) -> tuple[int, int]:
+        """(m, n) = (out_features, in_features) of the adapted weight, so B: (m, r), A: (r, n)."""
+        return int(layer.out_features), int(layer.in_features)
+
+    def _dense_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
+        out: dict[str, torch.nn.Parameter] = {}
+        for name, wrapper in self._heads.items():
+            if adapter not in wrapper.modules_to_save:
+                continue
+            for pname, p in wrapper.modules_to_save[adapter].named_parameters():
+                out[f"{name}.{pname}"] = p
+        return out
+
+    def _params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
+        """Wire name -> live parameter of ``adapter`` (LoRA factors and dense head)."""
+        out: dict[str, torch.nn.Parameter] = {}
+        for name, layer in self._lora_layers.items():
+            if adapter in layer.lora_A:
+                out[lora_key(name, "A")] = layer.lora_A[adapter].weight
+                out[lora_key(name, "B")] = layer.lora_B[adapter].weight
+        out.update(self._dense_params(adapter))
+        return out
+
+    @property
+    def num_base_params(self) -> int:
+        """Values in the frozen base model (adapters excluded)."""
+        return sum(
+            p.numel() for n, p in self.peft.named_parameters() if "lora_" not in n
+            and "modules_to_save" not in n
+        )
+
+    # ----------------------------------------------------------------- adapters
+    def adapter_for(self, ranks: Mapping[str, int]) -> str:
+        """The PEFT adapter holding ``ranks`` (module -> rank), created on first use."""
+        key = tuple(sorted(ranks.items()))
+        if key in self._adapters:
+            return self._adapters[key]
+        unknown = set(ranks) - set(self._lora_layers)
+        if unknown:
+            raise KeyError(f"ranks name modules that are not adapted: {sorted(unknown)[:3]}")
+        distinct = sorted(set(ranks.values()))
+        if any(r <= 0 for r in distinct):
+            raise ValueError("adapter ranks must be positive")
+        default = max(distinct, key=list(ranks.values()).count)
+        rank_pattern = {f"^{re.escape(m)}$": r for m, r in ranks.items() if r != default}
+        name = f"r{default}" + (f"_p{len(self._adapters)}" if rank_pattern else "")
+        # Modules absent from `ranks` still get an adapter of the default rank; callers that
+        # load a payload only train the modules the payload names.
+        config = LoraConfig(
+            r=default, lora_alpha=float(default), rank_pattern=rank_pattern, **self._lora_kwargs  # type: ignore[arg-type]
+        )
+        with torch.random.fork_rng():
+            self.peft.add_adapter(name, config)
+        self._adapters[key] = name
+        return name
+
+    @property
+    def num_adapters(self) -> int:
+        """Adapters held in memory (the global one plus one per distinct rank layout)."""
+        return 1 + len(self._adapters)
+
+    def activate(self, adapter: str) -> None:
+        """Make ``adapter`` the one forward passes use."""
+        self.peft.set_adapter(adapter, inference_mode=True)
+
+    def load(self, adapter: str, tensors: Mapping[str, torch.Tensor], scaling: Mapping[str, float]
+             ) -> None:
+        """Copy wire tensors into ``adapter`` and set its per-module scaling."""
+        params = self._params(adapter)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                target = params.get(key)
+                if target is None:
+                    raise KeyError(f"adapter {adapter!r} has no tensor {key!r}")
+                if tuple(target.shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"{key}: shape {tuple(value.shape)} != adapter's {tuple(target.shape)}"
+                    )
+                target.copy_(value)
+        for module, s in scaling.items():
+            self._lora_layers[module].scaling[adapter] = float(s)
+
+    def read(self, adapter: str, keys: Iterable[str] | None = None) -> Tensors:
+        """Wire tensors of ``adapter`` (detached copies)."""
+        params = self._params(adapter)
+        names = list(params) if keys is None else list(keys)
+        return {k: params[k].detach().clone() for k in names}
+
+    # ----------------------------------------------------------------- global model
+    def set_global(
+        self, tensors: Mapping[str, torch.Tensor], scaling: float,
+        base_delta: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Load the global adapter (rank r) and the merged base update, and activate it."""
+        self.load(GLOBAL_ADAPTER, tensors, {m: scaling for m in self._lora_layers})
+        if base_delta:
+            self.set_base_delta(base_delta)
+        self.activate(GLOBAL_ADAPTER)
+
+    def set_base_delta(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        """Set W = W0 + delta for each named module (delta: (m, n)); W0 is kept aside once."""
+        with torch.no_grad():
+            for module, delta in deltas.items():
+                weight = self._lora_layers[module].get_base_layer().weight
+                if module not in self._base_weights:
+                    self._base_weights[module] = weight.detach().clone()
+                fan_in_fan_out = bool(getattr(self._lora_layers[module], "fan_in_fan_out", False))
+                weight.copy_(self._base_weights[module] + transpose(delta, fan_in_fan_out))
+
+    def save_adapter(self, directory: Path) -> None:
+        """Write the global adapter in PEFT format (adapter_config.json + safetensors)."""
+        for module in self._lora_layers:
+            expected = self.spec.scaling(self.rank)
+            if not math.isclose(self._lora_layers[module].scaling[GLOBAL_ADAPTER], expected):
+                raise RuntimeError("global adapter scaling differs from its config; not exporting")
+        self.peft.save_pretrained(str(directory), selected_adapters=[GLOBAL_ADAPTER])
+
+    def save_merged(self, directory: Path) -> None:
+        """Write the base with the global adapter merged in, loadable with ``from_pretrained``."""
+        self.activate(GLOBAL_ADAPTER)
+        merged = _merged_copy(self.peft)
+        merged.save_pretrained(str(directory))
+
+    # ----------------------------------------------------------------- training
+    def train(
+        self,
+        adapter: str,
+        batches: Iterable[Batch],
+        loss_fn: LossFn,
+        *,
+        keys: Iterable[str],
+        lr: float,
+        optimizer: str,
+        weight_decay: float,
+        grad_clip: float | None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> dict[str, float]:
+        """Train the parameters ``keys`` of ``adapter`` on ``batches``; returns mean loss."""
+        self.activate(adapter)
+        params_by_key = self._params(adapter)
+        params = [params_by_key[k] for k in keys]
+        for p in self.peft.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt: torch.optim.Optimizer
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        losses: list[float] = []
+        with _training(self.peft):
+            for step, batch in enumerate(batches):
+                loss = loss_fn(self.peft, batch)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(step, losses[-1])
+        for p in params:
+            p.requires_grad_(False)
+        return {"loss": sum(losses) / max(len(losses), 1), "steps": float(len(losses))}
+
+
+@contextlib.contextmanager
+def _training(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _merged_copy(peft_model: PeftModel) -> torch.nn.Module:
+    """A deep copy of the base with the active adapter merged (the live model is untouched)."""
+    import copy
+
+    clone = copy.deepcopy(peft_model)
+    for name in list(clone.peft_config):
+        if name != GLOBAL_ADAPTER:
+            clone.delete_adapter(name)
+    return clone.merge_and_unload()
+
+
+def split_lora(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                               Tensors]:
+    """Group wire tensors into ``{module: {"A": A, "B": B}}`` and dense ``{name: tensor}``."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    dense: Tensors = {}
+    for key, value in tensors.items():
+        module, which = split_key(key)
+        if which is None:
+            dense[key] = value
+        else:
+            lora.setdefault(module, {})[which] = value
+    return lora, dense
+
+
+class PeftClientTrainer:
+    """The :class:`~lorafleet.algorithms.base.ClientTrainer` backed by an :class:`AdaptedModel`.
+
+    Args:
+        model: the shared adapted model.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (the task's loss).
+        lr, optimizer, weight_decay, grad_clip: client optimizer settings.
+        on_step: called as ``on_step(step, loss)`` after every local step (progress bars).
+    """
+
+    def __init__(
+        self,
+        model: AdaptedModel,
+        loss_fn: LossFn,
+        *,
+        lr: float,
+        optimizer: str = "adamw",
+        weight_decay: float = 0.0,
+        grad_clip: float | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.lr = lr
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.grad_clip = grad_clip
+        self.on_step = on_step
+
+    def train(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        ranks: Mapping[str, int],
+        scaling: Mapping[str, float],
+        batches: Iterable[Batch],
+    ) -> tuple[Tensors, dict[str, float]]:
+        """Load the payload into the adapter of ``ranks``, train it, read it back."""
+        adapter = self.model.adapter_for(ranks)
+        self.model.load(adapter, tensors, scaling)
+        metrics = self.model.train(
+            adapter,
+            batches,
+            self.loss_fn,
+            keys=list(tensors),
+            lr=self.lr,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            on_step=self.on_step,
+        )
+        return self.model.read(adapter, tensors.keys()), metrics

@@ -1,0 +1,1 @@
+"""Runtimes move payloads and call the algorithm's steps; they know nothing of its math."""
