@@ -116,12 +116,21 @@ class Payload:
         ranks: adapter rank per module for the client's adapter.
         scaling: LoRA scaling per module for the client's adapter.
         config: small extra settings (JSON-able).
+        extra: tensors shipped with the payload but not trained (e.g. FLoRA's stacked
+            factors of the last round, which a remote client merges into its base). They
+            count towards the downlink.
     """
 
     tensors: Tensors
     ranks: dict[str, int]
     scaling: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
+    extra: Tensors = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes on the wire: trained and extra tensors."""
+        return sum(t.numel() * t.element_size() for d in (self.tensors, self.extra)
+                   for t in d.values())
 
 
 @dataclass
@@ -203,6 +212,11 @@ class FederatedAlgorithm(ABC):
     @abstractmethod
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
         """The global model described by ``state`` (for evaluation and export)."""
+
+    def exact_adapter(self, state: ServerState) -> GlobalAdapter | None:
+        """For algorithms that merge into the base: the cumulative update as an adapter,
+        where that is exact (else None). Others return None: ``global_adapter`` is it."""
+        return None
 
     def expected_update_shapes(self, payload: Payload) -> dict[str, tuple[int, ...]]:
         """Shapes a valid update for ``payload`` has (default: those of the payload)."""

@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import transpose
 
-from lorafleet.algorithms.base import AdapterSpec, Batch, Tensors, lora_key, split_key
+from lorafleet.algorithms.base import AdapterSpec, Batch, GlobalAdapter, Tensors, lora_key, split_key
 
 __all__ = ["AdaptedModel", "LossFn", "PeftClientTrainer", "split_lora"]
 
@@ -59,10 +59,16 @@ class AdaptedModel:
         use_rslora: bool,
         seed: int,
     ) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        # GPT-2's Conv1D stores W transposed; PEFT needs to be told (else it warns and guesses).
+        fan_in_fan_out = any(isinstance(m, Conv1D) for n, m in base.named_modules()
+                             if n.split(".")[-1] in target_modules)
         self._lora_kwargs = {
             "target_modules": list(target_modules),
             "modules_to_save": list(head_modules) or None,
             "lora_dropout": dropout,
+            "fan_in_fan_out": fan_in_fan_out,
         }
         self.rank = rank
         self.alpha = alpha
@@ -213,6 +219,31 @@ class AdaptedModel:
             if not math.isclose(self._lora_layers[module].scaling[GLOBAL_ADAPTER], expected):
                 raise RuntimeError("global adapter scaling differs from its config; not exporting")
         self.peft.save_pretrained(str(directory), selected_adapters=[GLOBAL_ADAPTER])
+
+    def save_exact_adapter(self, directory: Path, adapter: GlobalAdapter) -> None:
+        """Save ``adapter`` (relative to the original base W0) as a PEFT adapter directory.
+
+        Used by algorithms that merge into the base (FLoRA): their cumulative update,
+        factored exactly, loads onto the unmodified base with ``PeftModel.from_pretrained``.
+        """
+        import shutil
+        import tempfile
+
+        name = "exact_export"
+        config = LoraConfig(r=adapter.rank, lora_alpha=adapter.scaling * adapter.rank,
+                            **self._lora_kwargs)  # type: ignore[arg-type]
+        with torch.random.fork_rng():
+            self.peft.add_adapter(name, config)
+        try:
+            self.load(name, adapter.tensors, {})
+            with tempfile.TemporaryDirectory() as tmp:
+                self.peft.save_pretrained(tmp, selected_adapters=[name])
+                directory.mkdir(parents=True, exist_ok=True)
+                for f in (Path(tmp) / name).iterdir():
+                    shutil.move(str(f), directory / f.name)
+        finally:
+            self.peft.delete_adapter(name)
+            self.activate(GLOBAL_ADAPTER)
 
     def save_merged(self, directory: Path) -> None:
         """Write the base with the global adapter merged in, loadable with ``from_pretrained``."""

@@ -107,7 +107,7 @@ class _Progress:
     def round_done(self, line: str) -> None:
         self.bar.advance(self.rounds)
         if self.enabled:
-            self.console.print(line)
+            self.console.print(line, highlight=False, soft_wrap=True)
 
 
 def _round_line(row: dict[str, Any], rounds: int, metric: str) -> str:
@@ -118,7 +118,7 @@ def _round_line(row: dict[str, Any], rounds: int, metric: str) -> str:
         parts.append(f"{metric} {row[metric]:.4f}")
     parts.append(f"clients {len(row['clients'])}")
     if row.get("rejected"):
-        parts.append(f"rejected {len(row['rejected'])}")
+        parts.append(f"dropped/rejected {len(row['rejected'])}")
     parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB down {row['bytes_down'] / 1e6:.2f} MB")
     return "  ".join(parts)
 
@@ -190,6 +190,8 @@ def run_local(
         wall_before = 0.0
         rows = []
     metric = exp.task.metric
+    if algo.merges_into_base:
+        exp.model.set_base_delta(algo.global_adapter(state).base_delta)
 
     def wall() -> float:
         return wall_before + time.perf_counter() - t_start
@@ -239,7 +241,7 @@ def run_local(
                 torch.manual_seed(derive_seed(cfg.seed, "train", rnd, cid))
                 result = algo.client_update(trainer, payload, batches)
                 result.num_examples = client.num_examples
-                down, up = tensor_bytes(payload.tensors), tensor_bytes(result.tensors)
+                down, up = payload.nbytes(), tensor_bytes(result.tensors)
                 ledger.record(rnd, cid, down, up)
                 try:
                     validate_update(cid, result.tensors, algo.expected_update_shapes(payload))
@@ -256,6 +258,8 @@ def run_local(
                 bars.client_done()
 
             state = algo.aggregate(state, accepted, rnd)
+            if algo.merges_into_base:  # later rounds' clients train on the merged base
+                exp.model.set_base_delta(algo.global_adapter(state).base_delta)
             down_r, up_r = ledger.round_totals(rnd)
             down_t, up_t = ledger.totals()
             sim = clock.advance_round(times) if times else 0.0
@@ -295,6 +299,9 @@ def _finish(
     exp.model.set_global(ga.tensors, ga.scaling, ga.base_delta)
     if algo.merges_into_base:
         exp.model.save_merged(run.merged_dir)
+        exact = algo.exact_adapter(state)
+        if exact is not None:
+            exp.model.save_exact_adapter(run.adapter_dir, exact)
     else:
         exp.model.save_adapter(run.adapter_dir)
     metric = task.metric

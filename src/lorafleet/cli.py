@@ -1,0 +1,213 @@
+"""The ``lorafleet`` command line: run, report, assets, algorithms, config.
+
+Errors a user can cause print as one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lorafleet.errors import LorafleetError
+
+app = typer.Typer(
+    name="lorafleet",
+    help="Federated and split LoRA fine-tuning across heterogeneous devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "datasets", "peft", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("lorafleet").setLevel(logging.INFO if verbose else logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(
+        help="Experiment YAML (see configs/); omit for the default demo (FSLoRA, MiniLM, "
+        "BBC News).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Run directory (default runs/<name>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config field, e.g. --set train.lr=3e-4 (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or round lines.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Log more (INFO).")] = False,
+) -> None:
+    """Run one experiment and write its run directory (metrics, summary, adapter, checkpoint)."""
+    _setup_logging(verbose)
+    from lorafleet.config import load_config
+    from lorafleet.runtimes.local import run_local
+
+    try:
+        if resume and config is None and not set_:
+            cfg = None
+            if out is None:
+                _fail("--resume needs --out DIR (the run to continue)")
+        else:
+            cfg = load_config(config, set_ or [])
+        directory = out or Path("runs") / (cfg.name if cfg else "experiment")
+        result = run_local(cfg, directory, resume=resume, console=err_console,
+                           progress=not quiet)
+    except LorafleetError as err:
+        _fail(str(err))
+        return
+    except KeyboardInterrupt:
+        _fail(f"interrupted; finished rounds are kept. Continue with: lorafleet run --out "
+              f"{out or 'DIR'} --resume", code=130)
+        return
+    s = result.summary
+    base = f" (initial model {s['base']:.4f})" if s.get("base") is not None else ""
+    out_console.print(
+        f"done: {s['algorithm']} on {s['rounds']} rounds — final {s['metric']} "
+        f"{s['final']:.4f}, best {s['best']:.4f}{base}; bytes up {s['bytes_up']:,} down "
+        f"{s['bytes_down']:,}; {s['wall_seconds']:.0f} s. Results in {directory}",
+        highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
+def compare(
+    config: Annotated[Path | None, typer.Argument(help="Experiment YAML (default: the demo).")
+                      ] = None,
+    algorithms: Annotated[str, typer.Option(
+        help="Comma-separated algorithms, e.g. fslora,fedavg,hetlora,flexlora,flora.")
+    ] = "fslora,fedavg",
+    seeds: Annotated[int, typer.Option(help="Seeds per algorithm (config seed, +1, ...).")] = 1,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Compare directory.")] = Path(
+        "runs/compare"),
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config field for every run (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace results already in --out.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Keep finished runs in --out and finish the others.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or round lines.")] = False,
+) -> None:
+    """Run several algorithms on identical data, fleet and seeds; write results.csv/md + plots."""
+    _setup_logging(False)
+    from lorafleet.compare import compare as run_compare
+    from lorafleet.compare import parse_algorithms
+
+    try:
+        files = run_compare(config, parse_algorithms(algorithms), seeds, out,
+                            overrides=set_ or [], overwrite=overwrite, resume=resume,
+                            console=err_console, progress=not quiet)
+    except LorafleetError as err:
+        _fail(str(err))
+        return
+    except KeyboardInterrupt:
+        _fail(f"interrupted; finish with: lorafleet compare ... --out {out} --resume", code=130)
+        return
+    md = out / "results.md"
+    if md.exists():
+        out_console.print(md.read_text(), highlight=False)
+    out_console.print(f"wrote {len(files)} files to {out}", highlight=False)
+
+
+@app.command()
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="Run or compare directories.")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Where plots and tables go (default: the first directory).")] = None,
+) -> None:
+    """Plot metric vs round, bytes and simulated time, and tabulate the runs."""
+    from lorafleet.report import report as make_report
+
+    try:
+        files = make_report(list(dirs), out or dirs[0])
+    except LorafleetError as err:
+        _fail(str(err))
+        return
+    for f in files:
+        out_console.print(str(f), highlight=False)
+
+
+@app.command()
+def assets(
+    prepare: Annotated[bool, typer.Option(
+        help="Convert and cache what needs it (SmolLM2 GGUF -> safetensors).")] = False,
+) -> None:
+    """List the embedded models and datasets (and prepare their caches)."""
+    from lorafleet import assets as assets_mod
+
+    table = Table(title=f"lorafleet assets (cache: {assets_mod.cache_dir()})")
+    for col in ("name", "kind", "package", "status", "description"):
+        table.add_column(col)
+    try:
+        for asset in assets_mod.ASSETS:
+            if prepare and asset.kind == "model":
+                assets_mod.prepare_model(asset.name)
+            table.add_row(asset.name, asset.kind, asset.package,
+                          assets_mod.asset_status(asset), asset.description)
+    except LorafleetError as err:
+        _fail(str(err))
+    out_console.print(table)
+
+
+@app.command()
+def algorithms() -> None:
+    """List the federated algorithms."""
+    from lorafleet.algorithms import ALGORITHMS
+
+    for name, cls in ALGORITHMS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        out_console.print(f"{name:10s} {doc}", highlight=False)
+
+
+@app.command("config")
+def show_config(
+    config: Annotated[Path | None, typer.Argument(help="Experiment YAML (default: the demo).")
+                      ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field.")
+                    ] = None,
+) -> None:
+    """Print the resolved config (defaults filled in, overrides applied)."""
+    from lorafleet.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except LorafleetError as err:
+        _fail(str(err))
+        return
+    out_console.print(cfg.to_yaml(), highlight=False)
+
+
+def main() -> None:
+    """Entry point for ``python -m lorafleet``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

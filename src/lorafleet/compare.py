@@ -1,0 +1,100 @@
+"""Side-by-side comparison: every algorithm on the identical partition, fleet and seeds.
+
+``compare`` runs one run directory per (algorithm, seed) under the output directory, named
+``<algorithm>-seed<seed>``, then writes ``results.csv``, ``results.md`` and the plots.
+The partition, fleet and initial adapter depend only on the config and the seed, so every
+algorithm of a seed sees the same clients and data.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from lorafleet.algorithms import ALGORITHMS
+from lorafleet.config import load_config
+from lorafleet.errors import ConfigError, LorafleetError
+from lorafleet.report import find_runs, report
+from lorafleet.rundir import RunDir
+from lorafleet.runtimes.local import run_local
+
+__all__ = ["compare", "parse_algorithms"]
+
+RESULT_FILES = ("results.csv", "results.md")
+
+
+def parse_algorithms(text: str) -> list[str]:
+    """``"fslora,fedavg"`` -> names, each checked against the registry."""
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise ConfigError("--algorithms", f"give at least one of: {', '.join(ALGORITHMS)}")
+    for name in names:
+        if name not in ALGORITHMS:
+            raise ConfigError("--algorithms", f"unknown algorithm '{name}' (allowed: "
+                              f"{', '.join(ALGORITHMS)})")
+    if len(set(names)) != len(names):
+        raise ConfigError("--algorithms", "an algorithm is listed twice")
+    return names
+
+
+def compare(
+    config: Path | None,
+    algorithms: list[str],
+    seeds: int,
+    out: Path,
+    *,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    console: Console | None = None,
+    progress: bool = True,
+    on_run: Callable[[str, int], None] | None = None,
+) -> list[Path]:
+    """Run every (algorithm, seed) and report; returns the files written by the report.
+
+    An existing compare directory is refused unless ``overwrite`` (which removes only the
+    run directories and result files this command would write) or ``resume`` (finished
+    runs are kept, unfinished ones continue from their checkpoints).
+    """
+    if seeds < 1:
+        raise ConfigError("--seeds", "must be at least 1")
+    if overwrite and resume:
+        raise ConfigError("--overwrite", "use either --overwrite or --resume, not both")
+    console = console or Console(stderr=True)
+    base = load_config(config, overrides or [])
+    first_seed = base.seed
+    plan = [(a, first_seed + i) for a in algorithms for i in range(seeds)]
+    dirs = {(a, s): out / f"{a}-seed{s}" for a, s in plan}
+    existing = [d for d in dirs.values() if RunDir(d).holds_run()]
+    existing += [out / f for f in RESULT_FILES if (out / f).exists()]
+    if existing and not (overwrite or resume):
+        raise LorafleetError(
+            f"{out} already holds results ({existing[0].name}, ...); pass --overwrite to "
+            "replace them or --resume to finish the missing runs"
+        )
+    if overwrite:
+        for path in existing:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    # validate every config before the first (slow) run starts
+    cfgs = {
+        (a, s): load_config(config, [*(overrides or []), f"algorithm={a}", f"seed={s}"])
+        for a, s in plan
+    }
+    for (algo, seed), cfg in cfgs.items():
+        run = RunDir(dirs[(algo, seed)])
+        if run.summary_path.exists():
+            console.print(f"[dim]{algo} seed {seed}: already finished, kept[/]")
+            continue
+        if on_run is not None:
+            on_run(algo, seed)
+        console.print(f"[bold]{algo}[/] seed {seed} -> {run.path}")
+        run_local(cfg, run.path, resume=run.holds_run(), console=console, progress=progress)
+    runs = find_runs([dirs[k] for k in plan])
+    return report([r.path for r in runs], out)
