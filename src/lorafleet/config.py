@@ -19,6 +19,7 @@ __all__ = [
     "DeviceProfile",
     "ExperimentConfig",
     "FleetConfig",
+    "HetLoRASettings",
     "LoraSettings",
     "ModelConfig",
     "PartitionConfig",
@@ -174,6 +175,19 @@ class TrainConfig(_Section):
     )
 
 
+class HetLoRASettings(_Section):
+    weights: Literal["norm", "uniform"] = Field(
+        "norm",
+        description="HetLoRA aggregation weights: norm (||s B_i A_i||_F, the paper's) or "
+        "uniform (plain zero-padding).",
+    )
+    self_pruning: bool = Field(False, description="HetLoRA local rank self-pruning.")
+    prune_gamma: float = Field(
+        0.99, gt=0, lt=1,
+        description="Self-pruning drops the last rank when it carries < 1 - gamma of the norm.",
+    )
+
+
 class ExperimentConfig(_Section):
     name: str = Field("experiment", description="A label for the run.")
     algorithm: str = Field("fslora", description="Federated algorithm (see `lorafleet algorithms`).")
@@ -189,6 +203,7 @@ class ExperimentConfig(_Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    hetlora: HetLoRASettings = Field(default_factory=HetLoRASettings)
 
     @model_validator(mode="after")
     def _cross_check(self) -> ExperimentConfig:

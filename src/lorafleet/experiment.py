@@ -109,6 +109,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         server_optimizer=cfg.train.server_optimizer,
         server_lr=cfg.train.server_lr,
         aggregation_weights=cfg.train.aggregation_weights,
+        hetlora_weights=cfg.hetlora.weights,
+        self_pruning=cfg.hetlora.self_pruning,
+        prune_gamma=cfg.hetlora.prune_gamma,
     )
     return Experiment(
         cfg=cfg,

@@ -16,7 +16,10 @@ from lorafleet.algorithms.base import (
     Tensors,
 )
 from lorafleet.algorithms.fedavg import FedAvg
+from lorafleet.algorithms.flexlora import FlexLoRA
+from lorafleet.algorithms.flora import FLoRA
 from lorafleet.algorithms.fslora import FSLoRA
+from lorafleet.algorithms.hetlora import HetLoRA
 from lorafleet.errors import ConfigError
 
 __all__ = [
@@ -25,8 +28,11 @@ __all__ = [
     "ClientInfo",
     "ClientResult",
     "ClientTrainer",
+    "FLoRA",
     "FSLoRA",
     "FedAvg",
+    "FlexLoRA",
+    "HetLoRA",
     "FederatedAlgorithm",
     "GlobalAdapter",
     "Payload",
@@ -38,6 +44,9 @@ __all__ = [
 ALGORITHMS: dict[str, type[FederatedAlgorithm]] = {
     FSLoRA.name: FSLoRA,
     FedAvg.name: FedAvg,
+    HetLoRA.name: HetLoRA,
+    FlexLoRA.name: FlexLoRA,
+    FLoRA.name: FLoRA,
 }
 
 

@@ -1,0 +1,176 @@
+"""FlexLoRA: average LoRA products, redistribute them by SVD (Bai et al., 2024; DESIGN.md s2).
+
+Clients of heterogeneous ranks k_i return their trained factors. The server forms, per
+module, the weighted product ΔW = sum_i p_i s_i B_i A_i (s_i = s(k_i), the scaling the client
+trained with), takes its SVD ΔW = U Σ Vᵀ, and keeps the top r_max = ``spec.rank`` triplets.
+Client i restarts from B_i = U[:, :k_i] Σ[:k_i] / s_i, A_i = Vᵀ[:k_i, :], so that
+s_i B_i A_i is the best rank-k_i approximation of the (truncated) global ΔW.
+
+State layout, per module: ``"<module>.U"`` (m, r_max), ``"<module>.S"`` (r_max,),
+``"<module>.Vh"`` (r_max, n), plus the dense values; the server rank is r_max by
+construction. Before the first aggregation ΔW = U diag(S) Vh = 0: U and S are zero and Vh
+holds PEFT's initial A, so clients start from B = 0, A = A0[:k_i] (Vh is not orthonormal
+until the first aggregation; nothing relies on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from lorafleet.algorithms.base import (
+    AdapterSpec,
+    Batch,
+    ClientInfo,
+    ClientResult,
+    ClientTrainer,
+    FederatedAlgorithm,
+    GlobalAdapter,
+    Payload,
+    ServerState,
+    Tensors,
+    lora_key,
+)
+from lorafleet.algorithms.fslora import aggregation_weights
+from lorafleet.errors import ConfigError
+
+__all__ = ["FlexLoRA", "svd_key", "truncated_svd"]
+
+
+def svd_key(module: str, which: str) -> str:
+    """Name of a server SVD factor in the state: ``svd_key("q", "U") == "q.U"`` (U, S or Vh)."""
+    return f"{module}.{which}"
+
+
+def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
+    """Top-``rank`` SVD of ``delta`` (m, n): U (m, rank), S (rank,), Vh (rank, n).
+
+    Computed in float64 and cast back to ``delta``'s dtype; ``rank`` <= min(m, n).
+    """
+    # FlexLoRA: ΔW = U Σ Vᵀ, keep the top-r_max triplets
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return (u[:, :rank].to(delta.dtype), s[:rank].to(delta.dtype),
+            vh[:rank, :].to(delta.dtype))
+
+
+class FlexLoRA(FederatedAlgorithm):
+    """FlexLoRA: ΔW = sum_i p_i s_i B_i A_i, SVD, top-r_max kept, each client gets its top-k_i.
+
+    Options:
+        aggregation_weights: p_i, "uniform" (1/|S_t|) | "examples" (proportional to n_i, the
+            paper's); for ΔW and the dense values alike.
+        server_optimizer: must be "avg" (the server averages products, not pseudo-gradients).
+        server_lr: not used.
+    """
+
+    name: ClassVar[str] = "flexlora"
+    homogeneous: ClassVar[bool] = False
+
+    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
+        super().__init__(spec, seed=seed, **options)
+        if options.get("server_optimizer", "avg") != "avg":
+            raise ConfigError(
+                "train.server_optimizer",
+                "flexlora averages client LoRA products, so it must be 'avg' "
+                "(FedOpt-style server steps: use algorithm fslora)",
+            )
+        self.weighting = str(options.get("aggregation_weights", "uniform"))
+        for module, (m, n) in spec.modules.items():
+            if spec.rank > min(m, n):
+                raise ConfigError(
+                    "lora.rank",
+                    f"flexlora keeps the top-{spec.rank} singular triplets of each module's "
+                    f"aggregated update, but {module} ({m}x{n}) has only {min(m, n)}; "
+                    f"use lora.rank <= {min(min(mn) for mn in spec.modules.values())}",
+                )
+
+    def init_state(self) -> ServerState:
+        """ΔW = 0 (U = 0, S = 0, Vh = PEFT's initial A) and the initial dense values."""
+        tensors: Tensors = {}
+        r = self.spec.rank
+        for module, (m, _) in self.spec.modules.items():
+            a0 = self.spec.initial[lora_key(module, "A")]
+            tensors[svd_key(module, "U")] = torch.zeros(m, r, dtype=a0.dtype)
+            tensors[svd_key(module, "S")] = torch.zeros(r, dtype=a0.dtype)
+            tensors[svd_key(module, "Vh")] = a0.clone()
+        for name in self.spec.dense:
+            tensors[name] = self.spec.initial[name].clone()
+        return ServerState(tensors=tensors)
+
+    def _factors(self, state: ServerState, module: str, k: int, scaling: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) = (U[:, :k] Σ[:k] / s, Vh[:k, :]): s B A is the rank-k truncation of ΔW."""
+        u = state.tensors[svd_key(module, "U")]
+        s = state.tensors[svd_key(module, "S")]
+        vh = state.tensors[svd_key(module, "Vh")]
+        # FlexLoRA: B_i = U[:, :k_i] Σ[:k_i] / s_i, A_i = Vᵀ[:k_i]
+        return u[:, :k] * (s[:k] / scaling), vh[:k, :].clone()
+
+    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
+        """The rank-k_i truncation of the global ΔW as (B, A) with scaling s(k_i), plus dense."""
+        k = client.rank
+        if not 0 < k <= self.spec.rank:
+            raise ValueError(f"client {client.id}: rank {k} must be in [1, {self.spec.rank}]")
+        s = self.spec.scaling(k)
+        tensors: Tensors = {}
+        for module in self.spec.modules:
+            b, a = self._factors(state, module, k, s)
+            tensors[lora_key(module, "A")], tensors[lora_key(module, "B")] = a, b
+        for name in self.spec.dense:
+            tensors[name] = state.tensors[name].clone()
+        return Payload(
+            tensors=tensors,
+            ranks=dict.fromkeys(self.spec.modules, k),
+            scaling=dict.fromkeys(self.spec.modules, s),
+        )
+
+    def client_update(
+        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
+    ) -> ClientResult:
+        """Train and return the trained factors themselves (the server multiplies them out)."""
+        trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
+        return ClientResult(tensors=trained, num_examples=0, metrics=metrics)
+
+    def aggregate(
+        self,
+        state: ServerState,
+        results: list[tuple[ClientInfo, Payload, ClientResult]],
+        round: int,
+    ) -> ServerState:
+        """ΔW = sum_i p_i s_i B_i A_i per module, kept as its top-r_max SVD; dense averaged."""
+        if not results:
+            return state
+        p = aggregation_weights(results, self.weighting)
+        new: Tensors = {}
+        for module, (m, n) in self.spec.modules.items():
+            delta = torch.zeros(m, n, dtype=torch.float64)
+            for w, (_, payload, res) in zip(p, results, strict=True):
+                b = res.tensors[lora_key(module, "B")].double()
+                a = res.tensors[lora_key(module, "A")].double()
+                # FlexLoRA: ΔW = Σ p_i s_i B_i A_i
+                delta += (w * payload.scaling[module]) * (b @ a)
+            u, s, vh = truncated_svd(delta, self.spec.rank)
+            dtype = state.tensors[svd_key(module, "Vh")].dtype
+            new[svd_key(module, "U")] = u.to(dtype)
+            new[svd_key(module, "S")] = s.to(dtype)
+            new[svd_key(module, "Vh")] = vh.to(dtype)
+        for name in self.spec.dense:
+            new[name] = torch.zeros_like(state.tensors[name])
+            for w, (_, _, res) in zip(p, results, strict=True):
+                new[name] += w * res.tensors[name]
+        return ServerState(tensors=new, meta=dict(state.meta))
+
+    def global_adapter(self, state: ServerState) -> GlobalAdapter:
+        """Rank-r_max adapter B = U Σ / s(r), A = Vh with scaling s(r): s B A = top-r ΔW."""
+        r = self.spec.rank
+        s = self.spec.scaling(r)
+        tensors: Tensors = {}
+        for module in self.spec.modules:
+            b, a = self._factors(state, module, r, s)
+            tensors[lora_key(module, "A")], tensors[lora_key(module, "B")] = a, b
+        for name in self.spec.dense:
+            tensors[name] = state.tensors[name]
+        return GlobalAdapter(tensors=tensors, rank=r, scaling=s)
