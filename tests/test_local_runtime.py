@@ -31,6 +31,8 @@ def tiny_overrides(model_dir: Path, csv: Path, **extra: object) -> list[str]:
         "train.local_steps": 2,
         "train.batch_size": 4,
         "train.lr": 0.01,
+        "train.clients_per_round": "null",
+        "train.eval_every": 1,
         "lora.rank": 4,
         "partition.kind": "iid",
         "fleet.sketch.kind": "fixed",

@@ -62,7 +62,7 @@ class DataConfig(_Section):
         0.2, gt=0, lt=1, description="Fraction held out for server-side evaluation."
     )
     max_eval_examples: int | None = Field(
-        None, gt=0, description="Cap on held-out examples evaluated (for speed)."
+        300, gt=0, description="Cap on held-out examples evaluated (for speed; null: all)."
     )
     max_length: int = Field(128, gt=8, description="Tokens per example after truncation.")
 
@@ -157,15 +157,16 @@ class FleetConfig(_Section):
 
 class TrainConfig(_Section):
     local_steps: int = Field(5, gt=0, description="H: local optimizer steps per round.")
-    batch_size: int = Field(16, gt=0, description="Client batch size.")
-    lr: float = Field(5e-4, gt=0, description="Client learning rate.")
+    batch_size: int = Field(8, gt=0, description="Client batch size.")
+    lr: float = Field(5e-3, gt=0, description="Client learning rate.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer.")
     weight_decay: float = Field(0.0, ge=0, description="Client weight decay.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the client gradient norm.")
     clients_per_round: int | None = Field(
-        None, gt=0, description="Clients sampled per round (default: all)."
+        5, gt=0, description="Clients sampled per round (null: all; capped at num_clients)."
     )
-    eval_every: int = Field(1, gt=0, description="Evaluate the global model every N rounds.")
+    eval_every: int = Field(2, gt=0, description="Evaluate the global model every N rounds "
+                            "(the last round is always evaluated).")
     server_optimizer: Literal["avg", "adam", "adamw"] = Field(
         "avg", description="Server step on the pseudo-gradient: plain average or FedOpt Adam(W)."
     )
@@ -189,7 +190,7 @@ class HetLoRASettings(_Section):
 
 
 class ExperimentConfig(_Section):
-    name: str = Field("experiment", description="A label for the run.")
+    name: str = Field("demo", description="A label for the run (default run dir runs/<name>).")
     algorithm: str = Field("fslora", description="Federated algorithm (see `lorafleet algorithms`).")
     rounds: int = Field(10, gt=0, description="Communication rounds.")
     seed: int = Field(0, ge=0, description="One seed fixes data split, sketches and training.")
@@ -210,18 +211,15 @@ class ExperimentConfig(_Section):
         r = self.lora.rank
         sk = self.fleet.sketch
         if sk.k_max is not None and sk.k_max > r:
-            raise ValueError(f"fleet.sketch.k_max={sk.k_max} exceeds lora.rank={r}")
+            raise ValueError(f"fleet.sketch.k_max: {sk.k_max} exceeds lora.rank={r} "
+                             f"(allowed: 1..{r})")
         if sk.k_min is not None and sk.k_min > r:
-            raise ValueError(f"fleet.sketch.k_min={sk.k_min} exceeds lora.rank={r}")
+            raise ValueError(f"fleet.sketch.k_min: {sk.k_min} exceeds lora.rank={r} "
+                             f"(allowed: 1..{r})")
         if sk.ranks is not None and max(sk.ranks) > r:
             raise ValueError(
                 f"fleet.sketch.ranks: sketch size {max(sk.ranks)} exceeds lora.rank={r} "
                 f"(allowed: 1..{r})"
-            )
-        cpr = self.train.clients_per_round
-        if cpr is not None and cpr > self.num_clients:
-            raise ValueError(
-                f"train.clients_per_round={cpr} exceeds num_clients={self.num_clients}"
             )
         return self
 
@@ -234,13 +232,15 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> Co
     """Turn pydantic's first error into one line naming the field and what is allowed."""
     first = err.errors()[0]
     loc = [str(x) for x in first["loc"]]
-    field = ".".join(loc) or "<root>"
+    field = ".".join(loc)
     if first["type"] == "extra_forbidden":
         allowed = _fields_at(model, loc[:-1])
         return ConfigError(field, f"unknown key (allowed: {', '.join(allowed)})")
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be one of")
+    if not field:  # a cross-field check: its message names the fields itself
+        field, _, msg = msg.partition(": ") if ": " in msg else ("config", "", msg)
     return ConfigError(field, msg)
 
 
