@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import QuadraticTrainer, tiny_spec
 
+from helpers import QuadraticTrainer, tiny_spec
 from lorafleet.algorithms.base import ClientInfo, lora_key
 from lorafleet.algorithms.flexlora import FlexLoRA, svd_key
 from lorafleet.errors import ConfigError

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from helpers import QuadraticTrainer, tiny_spec
 
+from helpers import QuadraticTrainer, tiny_spec
 from lorafleet.algorithms.base import ClientInfo, lora_key
 from lorafleet.algorithms.flora import FLoRA, stack_adapters
 from lorafleet.errors import ConfigError

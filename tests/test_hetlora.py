@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import QuadraticTrainer, tiny_spec
 
+from helpers import QuadraticTrainer, tiny_spec
 from lorafleet.algorithms.base import ClientInfo, ClientResult, lora_key
 from lorafleet.algorithms.fedavg import FedAvg
 from lorafleet.algorithms.hetlora import HetLoRA, pruned_rank, trailing_rank_ratio
@@ -165,7 +165,7 @@ def test_self_pruning_lowers_rank_only_when_trailing_is_small_never_below_one():
 
 def test_bad_options_are_config_errors():
     spec = tiny_spec(rank=4)
-    with pytest.raises(ConfigError, match="hetlora_weights"):
+    with pytest.raises(ConfigError, match="hetlora.weights"):
         HetLoRA(spec, seed=0, hetlora_weights="mean")
     with pytest.raises(ConfigError, match="train.server_optimizer"):
         HetLoRA(spec, seed=0, server_optimizer="adam")

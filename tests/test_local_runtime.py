@@ -1,4 +1,4 @@
-"""The local runtime end to end on tiny random models: outputs, bytes, export, resume, bad updates."""
+"""The local runtime end to end on tiny models: outputs, bytes, export, resume, bad updates."""
 
 from __future__ import annotations
 

@@ -191,7 +191,9 @@ class HetLoRASettings(_Section):
 
 class ExperimentConfig(_Section):
     name: str = Field("demo", description="A label for the run (default run dir runs/<name>).")
-    algorithm: str = Field("fslora", description="Federated algorithm (see `lorafleet algorithms`).")
+    algorithm: str = Field(
+        "fslora", description="Federated algorithm (see `lorafleet algorithms`)."
+    )
     rounds: int = Field(10, gt=0, description="Communication rounds.")
     seed: int = Field(0, ge=0, description="One seed fixes data split, sketches and training.")
     num_clients: int = Field(10, gt=0, description="Clients in the fleet.")

@@ -1,4 +1,4 @@
-"""FedAvg-LoRA (FedIT): every client trains the full rank-r adapter; B <- sum p_i B_i, A <- sum p_i A_i.
+"""FedAvg-LoRA (FedIT): every client trains the full rank-r adapter, the server averages.
 
 Written from its definition (clients return their trained factors, the server averages
 them), not as a special case of FSLoRA, so that the identity "FSLoRA with k_i = r is

@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -24,7 +25,14 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import transpose
 
-from lorafleet.algorithms.base import AdapterSpec, Batch, GlobalAdapter, Tensors, lora_key, split_key
+from lorafleet.algorithms.base import (
+    AdapterSpec,
+    Batch,
+    GlobalAdapter,
+    Tensors,
+    lora_key,
+    split_key,
+)
 
 __all__ = ["AdaptedModel", "LossFn", "PeftClientTrainer", "split_lora"]
 
@@ -64,7 +72,7 @@ class AdaptedModel:
         # GPT-2's Conv1D stores W transposed; PEFT needs to be told (else it warns and guesses).
         fan_in_fan_out = any(isinstance(m, Conv1D) for n, m in base.named_modules()
                              if n.split(".")[-1] in target_modules)
-        self._lora_kwargs = {
+        self._lora_kwargs: dict[str, Any] = {
             "target_modules": list(target_modules),
             "modules_to_save": list(head_modules) or None,
             "lora_dropout": dropout,
@@ -82,7 +90,7 @@ class AdaptedModel:
         self.peft.eval()
         self._lora_layers: dict[str, LoraLayer] = {}
         self._heads: dict[str, ModulesToSaveWrapper] = {}
-        inner = self.peft.base_model.model
+        inner = cast(torch.nn.Module, self.peft.base_model.model)
         for name, module in inner.named_modules():
             if isinstance(module, LoraLayer):
                 self._lora_layers[name] = module
@@ -105,7 +113,7 @@ class AdaptedModel:
     @staticmethod
     def _shape(layer: LoraLayer) -> tuple[int, int]:
         """(m, n) = (out_features, in_features) of the adapted weight, so B: (m, r), A: (r, n)."""
-        return int(layer.out_features), int(layer.in_features)
+        return int(cast(int, layer.out_features)), int(cast(int, layer.in_features))
 
     def _dense_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
         out: dict[str, torch.nn.Parameter] = {}
@@ -121,8 +129,8 @@ class AdaptedModel:
         out: dict[str, torch.nn.Parameter] = {}
         for name, layer in self._lora_layers.items():
             if adapter in layer.lora_A:
-                out[lora_key(name, "A")] = layer.lora_A[adapter].weight
-                out[lora_key(name, "B")] = layer.lora_B[adapter].weight
+                out[lora_key(name, "A")] = cast(torch.nn.Parameter, layer.lora_A[adapter].weight)
+                out[lora_key(name, "B")] = cast(torch.nn.Parameter, layer.lora_B[adapter].weight)
         out.update(self._dense_params(adapter))
         return out
 
@@ -206,7 +214,7 @@ class AdaptedModel:
         """Set W = W0 + delta for each named module (delta: (m, n)); W0 is kept aside once."""
         with torch.no_grad():
             for module, delta in deltas.items():
-                weight = self._lora_layers[module].get_base_layer().weight
+                weight = cast(torch.Tensor, self._lora_layers[module].get_base_layer().weight)
                 if module not in self._base_weights:
                     self._base_weights[module] = weight.detach().clone()
                 fan_in_fan_out = bool(getattr(self._lora_layers[module], "fan_in_fan_out", False))
@@ -230,8 +238,8 @@ class AdaptedModel:
         import tempfile
 
         name = "exact_export"
-        config = LoraConfig(r=adapter.rank, lora_alpha=adapter.scaling * adapter.rank,
-                            **self._lora_kwargs)  # type: ignore[arg-type]
+        alpha = adapter.scaling * adapter.rank
+        config = LoraConfig(r=adapter.rank, lora_alpha=alpha, **self._lora_kwargs)  # type: ignore[arg-type]
         with torch.random.fork_rng():
             self.peft.add_adapter(name, config)
         try:
@@ -249,7 +257,7 @@ class AdaptedModel:
         """Write the base with the global adapter merged in, loadable with ``from_pretrained``."""
         self.activate(GLOBAL_ADAPTER)
         merged = _merged_copy(self.peft)
-        merged.save_pretrained(str(directory))
+        merged.save_pretrained(str(directory))  # type: ignore[operator]
 
     # ----------------------------------------------------------------- training
     def train(

@@ -9,6 +9,7 @@ simulated clock, evaluates, checkpoints every round and writes the run directory
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -96,7 +97,8 @@ class _Progress:
         self.bar.update(self.clients, total=n_clients, completed=0,
                         description=f"round {round}: clients")
 
-    def step(self, round: int, client: ClientInfo, step: int, steps: int, loss: float) -> None:
+    def step(self, round: int, client: ClientInfo, step: int, loss: float, *, steps: int
+             ) -> None:
         self.bar.update(self.clients, description=(
             f"round {round}: client {client.id} (k={client.rank}) step {step + 1}/{steps} "
             f"loss {loss:.3f}"))
@@ -198,10 +200,11 @@ def run_local(
 
     if start == 1:
         base_eval = evaluate_global(exp, state)
-        row0 = {"round": 0, "clients": [], "rejected": [], "loss": None, "bytes_up": 0,
-                "bytes_down": 0, "bytes_up_total": 0, "bytes_down_total": 0,
-                "sim_seconds": 0.0, "sim_seconds_total": 0.0, "wall_seconds": wall(),
-                **base_eval}
+        row0: dict[str, Any] = {
+            "round": 0, "clients": [], "rejected": [], "loss": None, "bytes_up": 0,
+            "bytes_down": 0, "bytes_up_total": 0, "bytes_down_total": 0,
+            "sim_seconds": 0.0, "sim_seconds_total": 0.0, "wall_seconds": wall(), **base_eval,
+        }
         run.append_metrics(row0)
         rows.append(row0)
         if progress:
@@ -235,8 +238,7 @@ def run_local(
                 trainer = PeftClientTrainer(
                     exp.model, exp.task.loss, lr=tc.lr, optimizer=tc.optimizer,
                     weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
-                    on_step=lambda s, loss, c=client, r=rnd: bars.step(
-                        r, c, s, tc.local_steps, loss),
+                    on_step=functools.partial(bars.step, rnd, client, steps=tc.local_steps),
                 )
                 torch.manual_seed(derive_seed(cfg.seed, "train", rnd, cid))
                 result = algo.client_update(trainer, payload, batches)
