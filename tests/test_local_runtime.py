@@ -160,3 +160,31 @@ def test_gpt2_conv1d_runs_and_counts_fused_qkv(tmp_path, tiny_gpt2_dir, tiny_tex
                                                             "rounds": 1})
     _, result = _run(tmp_path, over)
     assert all(shape == [96, 32] for shape in result.summary["modules"].values())  # c_attn
+
+
+def test_a_failing_client_is_dropped_and_the_round_completes(
+        tmp_path, tiny_bert_dir, tiny_text_csv, monkeypatch, caplog):
+    from lorafleet.algorithms.fslora import FSLoRA
+
+    original = FSLoRA.client_update
+
+    def flaky(self, trainer, payload, batches):  # type: ignore[no-untyped-def]
+        if payload.ranks and next(iter(payload.ranks.values())) == 2:  # client 1 (k = 2)
+            raise RuntimeError("device ran out of memory")
+        return original(self, trainer, payload, batches)
+
+    monkeypatch.setattr(FSLoRA, "client_update", flaky)
+    _, result = _run(tmp_path, tiny_overrides(tiny_bert_dir, tiny_text_csv, rounds=1))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["clients"] == [0, 2]
+    assert rows[-1]["rejected"] == [
+        {"client": 1, "reason": "client failed: RuntimeError: device ran out of memory"}]
+    assert "client 1 dropped from round 1" in caplog.text
+    assert result.summary["final"] == rows[-1]["accuracy"]
+
+    def broken(self, trainer, payload, batches):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FSLoRA, "client_update", broken)
+    with pytest.raises(LorafleetError, match="every client of round 1 failed"):
+        _run(tmp_path, tiny_overrides(tiny_bert_dir, tiny_text_csv, rounds=1), name="all")

@@ -241,7 +241,16 @@ def run_local(
                     on_step=functools.partial(bars.step, rnd, client, steps=tc.local_steps),
                 )
                 torch.manual_seed(derive_seed(cfg.seed, "train", rnd, cid))
-                result = algo.client_update(trainer, payload, batches)
+                try:
+                    result = algo.client_update(trainer, payload, batches)
+                except (RuntimeError, ValueError, KeyError, OSError) as err:
+                    # A failing client is dropped from this round; the others aggregate.
+                    reason = f"client failed: {type(err).__name__}: {err}".splitlines()[0]
+                    log.warning("client %d dropped from round %d (%s)", cid, rnd, reason)
+                    ledger.record(rnd, cid, payload.nbytes(), 0)
+                    rejected.append({"client": cid, "reason": reason})
+                    bars.client_done()
+                    continue
                 result.num_examples = client.num_examples
                 down, up = payload.nbytes(), tensor_bytes(result.tensors)
                 ledger.record(rnd, cid, down, up)
@@ -259,6 +268,12 @@ def run_local(
                 accepted.append((client, payload, result))
                 bars.client_done()
 
+            if not accepted and len(rejected) == len(sampled) and any(
+                    r["reason"].startswith("client failed") for r in rejected):
+                raise LorafleetError(
+                    f"every client of round {rnd} failed (first: {rejected[0]['reason']}); "
+                    "finished rounds are kept, fix the cause and --resume"
+                )
             state = algo.aggregate(state, accepted, rnd)
             if algo.merges_into_base:  # later rounds' clients train on the merged base
                 exp.model.set_base_delta(algo.global_adapter(state).base_delta)
