@@ -1,0 +1,361 @@
+"""Memory and FLOP cost of the device part of a split model (DESIGN.md sections 3-4).
+
+Client k holds the embeddings and layers [0, s) (s = ``split_point``) and trains LoRA
+adapters on some of their weights; the server holds the rest. Everything here is a closed
+formula over :class:`ModelDims`, so the planner can price a configuration without a model.
+Notation: L layers, d hidden, i intermediate, h heads, T = ``seq``, B = ``batch``,
+N = B·T tokens, weights W: (m, n) = (out, in) (GPT-2's Conv1D stores (in, out); its
+logical shape is used), r_{l,W} the LoRA rank of W in layer l (0: no adapter).
+
+The model is an estimate to be checked against measured memory: it counts the tensors the
+layers' matmuls, attention and activation functions keep for backward, not elementwise-op
+internals (norm statistics, dropout masks), allocator slack, or transient gradient buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorafleet.errors import LorafleetError
+
+__all__ = [
+    "LLAMA_FAMILY",
+    "MemoryBreakdown",
+    "ModelDims",
+    "device_flops_per_step",
+    "device_memory_bytes",
+    "lora_bytes_per_rank",
+    "lora_flops_per_rank",
+    "optimizer_slots",
+]
+
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")  # gated-MLP decoders with q,k,v,o,gate,up,down
+
+Ranks = Mapping[tuple[int, str], int]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Shapes of a transformer, as far as the device-side cost model needs them.
+
+    Build with :meth:`from_config`, :meth:`llama`, :meth:`gpt2` or :meth:`bert`, which fill
+    the derived fields (``weights``, ``modules``, ``embedding_params``,
+    ``layer_extra_params``, ``activations_per_token``) with the formulas they document.
+    """
+
+    arch: str = field(metadata={"help": "llama (also qwen2, mistral), gpt2 or bert."})
+    num_layers: int = field(metadata={"help": "L, transformer layers."})
+    hidden: int = field(metadata={"help": "d, hidden size."})
+    intermediate: int = field(metadata={"help": "i, MLP intermediate size."})
+    heads: int = field(metadata={"help": "h, attention (query) heads."})
+    kv_heads: int = field(metadata={"help": "Key/value heads (h without GQA)."})
+    vocab: int = field(metadata={"help": "Vocabulary size."})
+    weights: Mapping[str, tuple[int, int]] = field(
+        metadata={"help": "Adaptable weights of one layer, name -> (m, n) = (out, in)."})
+    modules: Mapping[str, str] = field(
+        metadata={"help": "Weight name -> module path inside a layer (e.g. self_attn.q_proj)."})
+    embedding_params: int = field(
+        metadata={"help": "Frozen parameters below layer 0 (token/position/type embeddings)."})
+    layer_extra_params: int = field(
+        metadata={"help": "Frozen parameters of a layer outside `weights` (biases, norms)."})
+    activations_per_token: int = field(
+        metadata={"help": "Elements one layer saves for backward per token, excluding "
+                  "attention scores and LoRA intermediates."})
+
+    def __post_init__(self) -> None:
+        sizes = {"num_layers": self.num_layers, "hidden": self.hidden,
+                 "intermediate": self.intermediate, "heads": self.heads,
+                 "kv_heads": self.kv_heads, "vocab": self.vocab}
+        for name, value in sizes.items():
+            if value <= 0:
+                raise LorafleetError(f"model dims: {name} must be positive, got {value}")
+        if not self.weights:
+            raise LorafleetError("model dims: at least one adaptable weight is needed")
+        for name, (m, n) in self.weights.items():
+            if m <= 0 or n <= 0:
+                raise LorafleetError(f"model dims: weight {name} has shape ({m}, {n})")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head size of the query: q_dim / h."""
+        return self.query_dim // self.heads
+
+    @property
+    def query_dim(self) -> int:
+        """h · head_dim, the output size of q (= d unless head_dim is set explicitly)."""
+        m, _ = self.weights.get("q", self.weights.get("query", (self.hidden, self.hidden)))
+        return m
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Σ_W m·n over one layer's adaptable weights (the parameters its matmuls use)."""
+        return sum(m * n for m, n in self.weights.values())
+
+    @property
+    def layer_params(self) -> int:
+        """All frozen parameters of one layer: Σ_W m·n + ``layer_extra_params``."""
+        return self.layer_matmul_params + self.layer_extra_params
+
+    @classmethod
+    def llama(cls, num_layers: int, hidden: int, intermediate: int, heads: int, vocab: int,
+              kv_heads: int | None = None, head_dim: int | None = None, qkv_bias: bool = False,
+              o_bias: bool = False, mlp_bias: bool = False, arch: str = "llama") -> ModelDims:
+        """A Llama-family decoder (RMSNorm, RoPE, gated SiLU MLP, optional GQA).
+
+        q_dim = h·head_dim, kv_dim = kv_heads·head_dim (head_dim defaults to d / h);
+        weights q (q_dim, d), k, v (kv_dim, d), o (d, q_dim), gate, up (i, d), down (d, i);
+        embeddings V·d; extra per layer 2d (norms) + biases;
+        activations per token 4d + 2·q_dim + 2·kv_dim + 4i: norm input and output before
+        attention and before the MLP (4d), q and the attention output (2·q_dim), k and v
+        (2·kv_dim), gate, SiLU(gate), up and SiLU(gate)·up (4i).
+        """
+        kv = kv_heads or heads
+        hd = head_dim or hidden // heads
+        q_dim, kv_dim = heads * hd, kv * hd
+        weights = {"q": (q_dim, hidden), "k": (kv_dim, hidden), "v": (kv_dim, hidden),
+                   "o": (hidden, q_dim), "gate": (intermediate, hidden),
+                   "up": (intermediate, hidden), "down": (hidden, intermediate)}
+        modules = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                   "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                   "down": "mlp.down_proj"}
+        extra = (2 * hidden + qkv_bias * (q_dim + 2 * kv_dim) + o_bias * hidden
+                 + mlp_bias * (2 * intermediate + hidden))
+        return cls(arch=arch, num_layers=num_layers, hidden=hidden, intermediate=intermediate,
+                   heads=heads, kv_heads=kv, vocab=vocab, weights=weights, modules=modules,
+                   embedding_params=vocab * hidden, layer_extra_params=extra,
+                   activations_per_token=4 * hidden + 2 * q_dim + 2 * kv_dim + 4 * intermediate)
+
+    @classmethod
+    def gpt2(cls, num_layers: int, hidden: int, heads: int, vocab: int, positions: int,
+             intermediate: int | None = None) -> ModelDims:
+        """GPT-2 (pre-LayerNorm, fused c_attn, GELU MLP; i defaults to 4d).
+
+        weights c_attn (3d, d), attn.c_proj (d, d), c_fc (i, d), mlp.c_proj (d, i);
+        embeddings (V + positions)·d; extra per layer 9d + i (biases 3d + d + i + d, two
+        LayerNorms 4d); activations per token 8d + 2i: ln_1 input and output (2d), q,k,v
+        (3d), attention output (d), ln_2 input and output (2d), c_fc output and GELU output
+        (2i).
+        """
+        i = intermediate or 4 * hidden
+        weights = {"c_attn": (3 * hidden, hidden), "attn.c_proj": (hidden, hidden),
+                   "c_fc": (i, hidden), "mlp.c_proj": (hidden, i)}
+        modules = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc",
+                   "mlp.c_proj": "mlp.c_proj"}
+        return cls(arch="gpt2", num_layers=num_layers, hidden=hidden, intermediate=i,
+                   heads=heads, kv_heads=heads, vocab=vocab, weights=weights, modules=modules,
+                   embedding_params=(vocab + positions) * hidden,
+                   layer_extra_params=9 * hidden + i, activations_per_token=8 * hidden + 2 * i)
+
+    @classmethod
+    def bert(cls, num_layers: int, hidden: int, intermediate: int, heads: int, vocab: int,
+             positions: int, type_vocab: int = 2) -> ModelDims:
+        """A BERT encoder (post-LayerNorm, GELU MLP).
+
+        weights query, key, value, attn_out (d, d), intermediate (i, d), output (d, i);
+        embeddings (V + positions + type_vocab)·d + 2d (LayerNorm); extra per layer 9d + i
+        (biases 5d + i, two LayerNorms 4d); activations per token 8d + 2i: the q,k,v input
+        (d), q,k,v (3d), attention context (d), first LayerNorm input and output (2d), second
+        LayerNorm input (d), intermediate output and GELU output (2i).
+        """
+        d = hidden
+        weights = {"query": (d, d), "key": (d, d), "value": (d, d), "attn_out": (d, d),
+                   "intermediate": (intermediate, d), "output": (d, intermediate)}
+        modules = {"query": "attention.self.query", "key": "attention.self.key",
+                   "value": "attention.self.value", "attn_out": "attention.output.dense",
+                   "intermediate": "intermediate.dense", "output": "output.dense"}
+        return cls(arch="bert", num_layers=num_layers, hidden=d, intermediate=intermediate,
+                   heads=heads, kv_heads=heads, vocab=vocab, weights=weights, modules=modules,
+                   embedding_params=(vocab + positions + type_vocab) * d + 2 * d,
+                   layer_extra_params=9 * d + intermediate,
+                   activations_per_token=8 * d + 2 * intermediate)
+
+    @classmethod
+    def from_config(cls, hf_config: Any) -> ModelDims:
+        """Dims of a transformers config (or a dict of its fields): llama, qwen2, mistral,
+        gpt2 or bert ``model_type``."""
+        kind = _config_value(hf_config, "model_type")
+
+        def need(key: str) -> int:
+            value = _config_value(hf_config, key)
+            if value is None:
+                raise LorafleetError(f"{kind} config has no {key}")
+            return int(value)
+
+        def opt(key: str) -> int | None:
+            value = _config_value(hf_config, key)
+            return None if value is None else int(value)
+
+        if kind in LLAMA_FAMILY:
+            attention_bias = bool(_config_value(hf_config, "attention_bias", False))
+            return cls.llama(
+                num_layers=need("num_hidden_layers"), hidden=need("hidden_size"),
+                intermediate=need("intermediate_size"), heads=need("num_attention_heads"),
+                vocab=need("vocab_size"), kv_heads=opt("num_key_value_heads"),
+                head_dim=opt("head_dim"),
+                qkv_bias=kind == "qwen2" or attention_bias,  # Qwen2 always biases q, k, v
+                o_bias=attention_bias, mlp_bias=bool(_config_value(hf_config, "mlp_bias", False)),
+                arch=kind,
+            )
+        if kind == "gpt2":
+            return cls.gpt2(num_layers=need("n_layer"), hidden=need("n_embd"),
+                            heads=need("n_head"), vocab=need("vocab_size"),
+                            positions=need("n_positions"), intermediate=opt("n_inner"))
+        if kind == "bert":
+            return cls.bert(num_layers=need("num_hidden_layers"), hidden=need("hidden_size"),
+                            intermediate=need("intermediate_size"),
+                            heads=need("num_attention_heads"), vocab=need("vocab_size"),
+                            positions=need("max_position_embeddings"),
+                            type_vocab=opt("type_vocab_size") or 2)
+        raise LorafleetError(f"no cost model for model_type {kind!r} "
+                             f"(supported: {', '.join(LLAMA_FAMILY)}, gpt2, bert)")
+
+
+def _config_value(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Device memory of one training step, in bytes; ``total`` is the sum of the others."""
+
+    frozen_weights: int = field(metadata={"help": "Embeddings + layers [0, s), base dtype."})
+    activations: int = field(metadata={"help": "Saved for backward in layers [0, s)."})
+    lora_params: int = field(metadata={"help": "Σ r (m + n) over device adapters."})
+    lora_grads: int = field(metadata={"help": "One gradient per LoRA parameter."})
+    optimizer_state: int = field(metadata={"help": "Optimizer slots per LoRA parameter."})
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total", self.frozen_weights + self.activations
+                           + self.lora_params + self.lora_grads + self.optimizer_state)
+
+
+def optimizer_slots(optimizer: str) -> int:
+    """Optimizer state values kept per trainable parameter: adam/adamw 2 (m, v), sgd 0."""
+    slots = {"adamw": 2, "adam": 2, "sgd": 0}
+    if optimizer not in slots:
+        raise LorafleetError(f"optimizer {optimizer!r} has no cost model "
+                             f"(allowed: {', '.join(slots)})")
+    return slots[optimizer]
+
+
+def _check_step(dims: ModelDims, split_point: int, ranks: Ranks, batch: int, seq: int) -> None:
+    if not 0 <= split_point <= dims.num_layers:
+        raise LorafleetError(f"split point {split_point} must be in [0, {dims.num_layers}]")
+    if batch <= 0 or seq <= 0:
+        raise LorafleetError(f"batch and seq must be positive, got {batch} and {seq}")
+    for (layer, weight), r in ranks.items():
+        if weight not in dims.weights:
+            raise LorafleetError(f"rank for unknown weight {weight!r} (allowed: "
+                                 f"{', '.join(dims.weights)})")
+        if not 0 <= layer < dims.num_layers:
+            raise LorafleetError(f"rank for layer {layer}, outside [0, {dims.num_layers})")
+        if r < 0:
+            raise LorafleetError(f"rank of ({layer}, {weight}) must be >= 0, got {r}")
+
+
+def _device_ranks(ranks: Ranks, split_point: int) -> list[tuple[str, int]]:
+    return [(w, r) for (layer, w), r in ranks.items() if layer < split_point and r > 0]
+
+
+def lora_bytes_per_rank(dims: ModelDims, weight: str, batch: int, seq: int,
+                        lora_dtype_bytes: int = 4, optimizer: str = "adamw") -> int:
+    """Device bytes one unit of rank on ``weight`` costs: b·((m + n)(2 + k) + B·T).
+
+    b = ``lora_dtype_bytes``; (m + n) parameters, as many gradients and k optimizer slots
+    each (:func:`optimizer_slots`), plus the saved intermediate x Aᵀ (B·T per unit rank).
+    """
+    m, n = dims.weights[weight]
+    return lora_dtype_bytes * ((m + n) * (2 + optimizer_slots(optimizer)) + batch * seq)
+
+
+def lora_flops_per_rank(dims: ModelDims, weight: str, batch: int, seq: int) -> int:
+    """FLOPs per step one unit of rank on ``weight`` costs: 6·N·(m + n).
+
+    Forward x Aᵀ then (x Aᵀ) Bᵀ is 2·N·(m + n); backward to activations the same again; the
+    gradients of A and B the same a third time.
+    """
+    m, n = dims.weights[weight]
+    return 6 * batch * seq * (m + n)
+
+
+def device_memory_bytes(
+    dims: ModelDims,
+    split_point: int,
+    ranks: Ranks,
+    batch: int,
+    seq: int,
+    dtype_bytes: int = 4,
+    optimizer: str = "adamw",
+    *,
+    lora_dtype_bytes: int = 4,
+    eager_attention: bool = True,
+) -> MemoryBreakdown:
+    """Bytes the device needs for one training step at split point s.
+
+    With b = ``dtype_bytes`` (frozen base, activations), b_L = ``lora_dtype_bytes``
+    (adapters, their gradients, optimizer state, LoRA intermediates; PEFT keeps adapters in
+    float32 even on a bfloat16 base), R = Σ_{l<s, W} r_{l,W} and
+    P_L = Σ_{l<s, W} r_{l,W}·(m_W + n_W):
+
+        frozen_weights  = b · (embedding_params + s · layer_params)
+        activations     = b · s · (N · activations_per_token + [eager] B·h·T²) + b_L · N · R
+        lora_params     = b_L · P_L
+        lora_grads      = b_L · P_L
+        optimizer_state = b_L · k · P_L          (k = 2 for Adam(W), 0 for SGD)
+
+    B·h·T² is the softmax output eager attention keeps; SDPA/flash kernels keep only
+    O(B·h·T), so ``eager_attention=False`` drops the term. N·R counts the rank-sized x Aᵀ
+    each adapter saves for the gradient of B. Ranks of layers >= s (server side) cost the
+    device nothing and are ignored.
+
+    Args:
+        dims: the model's shapes. split_point: s in [0, L].
+        ranks: r per (layer, weight); missing entries mean no adapter.
+        batch: B. seq: T. dtype_bytes: b. optimizer: "adamw", "adam" or "sgd".
+    """
+    _check_step(dims, split_point, ranks, batch, seq)
+    k = optimizer_slots(optimizer)
+    s, tokens = split_point, batch * seq
+    device = _device_ranks(ranks, s)
+    total_rank = sum(r for _, r in device)
+    lora = sum(r * sum(dims.weights[w]) for w, r in device)
+    scores = batch * dims.heads * seq * seq if eager_attention else 0
+    return MemoryBreakdown(
+        frozen_weights=dtype_bytes * (dims.embedding_params + s * dims.layer_params),
+        activations=dtype_bytes * s * (tokens * dims.activations_per_token + scores)
+        + lora_dtype_bytes * tokens * total_rank,
+        lora_params=lora_dtype_bytes * lora,
+        lora_grads=lora_dtype_bytes * lora,
+        optimizer_state=lora_dtype_bytes * k * lora,
+    )
+
+
+def device_flops_per_step(
+    dims: ModelDims,
+    split_point: int,
+    ranks: Ranks,
+    batch: int,
+    seq: int,
+    *,
+    attention: bool = True,
+) -> float:
+    """FLOPs the device spends on one training step at split point s (2 FLOPs per MAC).
+
+        flops = s · (4·N·P_mm + [attention] 12·B·T²·q_dim) + 6·N·Σ_{l<s, W} r_{l,W}(m_W + n_W)
+
+    P_mm = ``layer_matmul_params``: forward 2·N·P_mm, backward to the activations 2·N·P_mm
+    (frozen weights get no gradient). Attention QKᵀ and PV take 4·B·T²·q_dim forward and
+    twice that backward. LoRA: :func:`lora_flops_per_rank` per unit rank. Without the
+    attention term this equals :func:`lorafleet.metrics.train_flops` of the device layers.
+    Embedding lookups, norms and activation functions are not counted.
+    """
+    _check_step(dims, split_point, ranks, batch, seq)
+    s, tokens = split_point, batch * seq
+    attn = 12 * batch * seq * seq * dims.query_dim if attention else 0
+    lora = sum(r * sum(dims.weights[w]) for w, r in _device_ranks(ranks, s))
+    return float(s * (4 * tokens * dims.layer_matmul_params + attn) + 6 * tokens * lora)
