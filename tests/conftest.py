@@ -128,3 +128,18 @@ def tiny_text_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 writer.writerow([row, template.format(i=i), topic])
                 row += 1
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Tiny models run fastest on one thread (and far faster on a busy machine); the slow
+    tests on real models keep torch's default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
