@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/sketching.py
+	$(BIN)/python benchmarks/communication.py
+	$(BIN)/python benchmarks/aggregation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -107,3 +107,17 @@ def test_rank_above_a_module_dimension_is_a_config_error():
         FlexLoRA(spec, seed=0)
     with pytest.raises(ConfigError, match="train.server_optimizer"):
         FlexLoRA(tiny_spec(rank=2, modules=MODULES), seed=0, server_optimizer="adamw")
+
+
+def test_factored_svd_equals_dense_svd_of_the_product():
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(40, 12, generator=gen, dtype=torch.float64)
+    a = torch.randn(12, 30, generator=gen, dtype=torch.float64)
+    from lorafleet.algorithms.flexlora import factored_svd, truncated_svd
+
+    u, s, vh = factored_svd(b, a, 8)
+    u2, s2, vh2 = truncated_svd(b @ a, 8)
+    assert u.shape == (40, 8) and s.shape == (8,) and vh.shape == (8, 30)
+    assert torch.allclose(s, s2, rtol=1e-10)
+    assert torch.allclose((u * s) @ vh, (u2 * s2) @ vh2, atol=1e-9)
+    assert torch.allclose(u.T @ u, torch.eye(8, dtype=torch.float64), atol=1e-10)

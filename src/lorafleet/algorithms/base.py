@@ -127,6 +127,10 @@ class Payload:
     config: dict[str, Any] = field(default_factory=dict)
     extra: Tensors = field(default_factory=dict)
 
+    def without_tensors(self) -> Payload:
+        """This payload's ranks, scaling and config only (what ``aggregate`` may read)."""
+        return Payload(tensors={}, ranks=self.ranks, scaling=self.scaling, config=self.config)
+
     def nbytes(self) -> int:
         """Bytes on the wire: trained and extra tensors."""
         return sum(t.numel() * t.element_size() for d in (self.tensors, self.extra)
@@ -207,7 +211,11 @@ class FederatedAlgorithm(ABC):
         results: list[tuple[ClientInfo, Payload, ClientResult]],
         round: int,
     ) -> ServerState:
-        """The new server state from the round's accepted client results."""
+        """The new server state from the round's accepted client results.
+
+        Runtimes release each payload's tensors once its client has trained, so
+        ``aggregate`` may read a payload's ``ranks``, ``scaling`` and ``config`` only.
+        """
 
     @abstractmethod
     def global_adapter(self, state: ServerState) -> GlobalAdapter:

@@ -36,7 +36,7 @@ from lorafleet.algorithms.base import (
 from lorafleet.algorithms.fslora import aggregation_weights
 from lorafleet.errors import ConfigError
 
-__all__ = ["FlexLoRA", "svd_key", "truncated_svd"]
+__all__ = ["FlexLoRA", "factored_svd", "svd_key", "truncated_svd"]
 
 
 def svd_key(module: str, which: str) -> str:
@@ -54,6 +54,21 @@ def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     return (u[:, :rank].to(delta.dtype), s[:rank].to(delta.dtype),
             vh[:rank, :].to(delta.dtype))
+
+
+def factored_svd(b_stack: torch.Tensor, a_stack: torch.Tensor, rank: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD of ΔW = b_stack @ a_stack without forming or decomposing ΔW densely.
+
+    b_stack: (m, K), a_stack: (K, n) with rank <= K < min(m, n). With QR factors
+    b_stack = Q_b R_b and a_stackᵀ = Q_a R_a, ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD of the
+    small (K, K) core U' Σ V'ᵀ gives ΔW's: U = Q_b U', Vh = V'ᵀ Q_aᵀ. Exact, and O((m+n)K²)
+    instead of O(mn·min(m, n)). Computed in float64.
+    """
+    q_b, r_b = torch.linalg.qr(b_stack.double())
+    q_a, r_a = torch.linalg.qr(a_stack.double().T)
+    u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T)
+    return (q_b @ u_core[:, :rank]), s[:rank], (vh_core[:rank, :] @ q_a.T)
 
 
 class FlexLoRA(FederatedAlgorithm):
@@ -146,13 +161,16 @@ class FlexLoRA(FederatedAlgorithm):
         p = aggregation_weights(results, self.weighting)
         new: Tensors = {}
         for module, (m, n) in self.spec.modules.items():
-            delta = torch.zeros(m, n, dtype=torch.float64)
-            for w, (_, payload, res) in zip(p, results, strict=True):
-                b = res.tensors[lora_key(module, "B")].double()
-                a = res.tensors[lora_key(module, "A")].double()
-                # FlexLoRA: ΔW = Σ p_i s_i B_i A_i
-                delta += (w * payload.scaling[module]) * (b @ a)
-            u, s, vh = truncated_svd(delta, self.spec.rank)
+            # FlexLoRA: ΔW = Σ p_i s_i B_i A_i = [p_i s_i B_i]_i [A_i]_i (stacked factors)
+            b_stack = torch.cat([(w * payload.scaling[module]) * res.tensors[
+                lora_key(module, "B")].double() for w, (_, payload, res) in zip(
+                    p, results, strict=True)], dim=1)
+            a_stack = torch.cat([res.tensors[lora_key(module, "A")].double()
+                                 for _, _, res in results], dim=0)
+            if self.spec.rank <= b_stack.shape[1] < min(m, n):
+                u, s, vh = factored_svd(b_stack, a_stack, self.spec.rank)
+            else:  # too few stacked ranks to fill r triplets (or too many to gain): dense SVD
+                u, s, vh = truncated_svd(b_stack @ a_stack, self.spec.rank)
             dtype = state.tensors[svd_key(module, "Vh")].dtype
             new[svd_key(module, "U")] = u.to(dtype)
             new[svd_key(module, "S")] = s.to(dtype)

@@ -152,7 +152,7 @@ class FLoRA(FederatedAlgorithm):
             for which in ("B", "A"):
                 key = _stack_key(module, which)
                 if key in state.tensors:
-                    extra[key] = state.tensors[key].clone()
+                    extra[key] = state.tensors[key]  # shared, read-only: not copied per client
         for name in self.spec.dense:
             tensors[name] = state.tensors[name].clone()
         return Payload(

@@ -265,7 +265,9 @@ def run_local(
                 flops = train_flops(n_base, tokens[0], trainable)
                 times.append(clock.client_time(profile, flops, down, up))
                 losses.append(result.metrics.get("loss", float("nan")))
-                accepted.append((client, payload, result))
+                # Keep what aggregate reads, not the payload's tensors: memory must not grow
+                # with the number of clients in a round (benchmarks/memory.py).
+                accepted.append((client, payload.without_tensors(), result))
                 bars.client_done()
 
             if not accepted and len(rejected) == len(sampled) and any(
