@@ -6,7 +6,6 @@ the same config and seed give the same clients, data and initial adapter everywh
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafleet.algorithms import ALGORITHMS, ClientInfo, FederatedAlgorithm, make_algorithm
-from lorafleet.algorithms.base import Batch
+from lorafleet.algorithms.base import Batch, derive_seed
 from lorafleet.config import DeviceProfile, ExperimentConfig
 from lorafleet.data.datasets import load_text_dataset, train_eval_split
 from lorafleet.data.partition import partition_indices, partition_summary
@@ -26,12 +25,6 @@ from lorafleet.models.loading import default_target_modules, head_module_names, 
 
 __all__ = ["Experiment", "build_experiment", "check_config", "client_batches", "derive_seed",
            "sample_clients"]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from the run seed and a path of names (stable across processes)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass

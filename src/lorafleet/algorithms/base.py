@@ -16,13 +16,16 @@ Payloads and updates are ``dict[str, Tensor]`` so any runtime can ship them. Ten
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
+
+from lorafleet.errors import ConfigError
 
 __all__ = [
     "AdapterSpec",
@@ -35,12 +38,20 @@ __all__ = [
     "Payload",
     "ServerState",
     "Tensors",
+    "aggregation_weights",
+    "derive_seed",
     "lora_key",
     "split_key",
 ]
 
 Tensors = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a path of names and numbers, stable across processes and runs."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def lora_key(module: str, which: str) -> str:
@@ -177,16 +188,48 @@ class ClientTrainer(Protocol):
         ...
 
 
+def aggregation_weights(
+    results: list[tuple[ClientInfo, Payload, ClientResult]], mode: str
+) -> list[float]:
+    """p_i over a round's accepted clients: uniform 1/|S_t|, or proportional to n_i."""
+    if mode == "examples":
+        total = sum(c.num_examples for c, _, _ in results)
+        return [c.num_examples / total for c, _, _ in results]
+    return [1.0 / len(results)] * len(results)
+
+
 class FederatedAlgorithm(ABC):
-    """Base class for federated algorithms: pure steps over named tensors, no I/O."""
+    """Base class for federated algorithms: pure steps over named tensors, no I/O.
+
+    Class attributes:
+        name: the registry name (``algorithm:`` in a config).
+        homogeneous: every client trains the global rank r (client budgets are ignored).
+        merges_into_base: the global model lives in the base weights (``base_delta``).
+        client_returns: what ``client_update`` sends back by default: the ``"deltas"`` from
+            the payload, or the trained ``"values"`` themselves.
+        averages_models: the server averages client adapters, so a FedOpt server optimizer
+            would be silently wrong; the constructor refuses anything but ``avg``.
+
+    Options every algorithm reads: ``aggregation_weights`` ("uniform" | "examples").
+    """
 
     name: ClassVar[str]
+    homogeneous: ClassVar[bool] = False
     merges_into_base: ClassVar[bool] = False
+    client_returns: ClassVar[Literal["deltas", "values"]] = "deltas"
+    averages_models: ClassVar[bool] = False
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         self.spec = spec
         self.seed = seed
         self.options = options
+        self.weighting = str(options.get("aggregation_weights", "uniform"))
+        if self.averages_models and options.get("server_optimizer", "avg") != "avg":
+            raise ConfigError(
+                "train.server_optimizer",
+                f"{self.name} averages client adapters, so it must be 'avg' (FedOpt-style "
+                "server steps: use algorithm fslora)",
+            )
 
     @abstractmethod
     def init_state(self) -> ServerState:
@@ -199,10 +242,24 @@ class FederatedAlgorithm(ABC):
     def client_update(
         self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
     ) -> ClientResult:
-        """Default local step: train from the payload and send back the deltas."""
+        """Train from the payload; send back the deltas or the values (``client_returns``)."""
         trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
+        if self.client_returns == "values":
+            return ClientResult(tensors=trained, num_examples=0, metrics=metrics)
         deltas = {k: trained[k] - payload.tensors[k] for k in payload.tensors}
         return ClientResult(tensors=deltas, num_examples=0, metrics=metrics)
+
+    def average_dense(
+        self, results: list[tuple[ClientInfo, Payload, ClientResult]], weights: list[float]
+    ) -> Tensors:
+        """sum_i p_i x_i for every dense (non-LoRA) parameter x, from clients' values."""
+        out: Tensors = {}
+        for name in self.spec.dense:
+            out[name] = sum(  # type: ignore[assignment]
+                (w * res.tensors[name] for w, (_, _, res) in zip(weights, results, strict=True)),
+                torch.zeros_like(results[0][2].tensors[name]),
+            )
+        return out
 
     @abstractmethod
     def aggregate(

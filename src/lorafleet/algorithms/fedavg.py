@@ -8,25 +8,20 @@ avg(BA).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 from lorafleet.algorithms.base import (
-    AdapterSpec,
-    Batch,
     ClientInfo,
     ClientResult,
-    ClientTrainer,
     FederatedAlgorithm,
     GlobalAdapter,
     Payload,
     ServerState,
     Tensors,
+    aggregation_weights,
 )
-from lorafleet.algorithms.fslora import aggregation_weights
-from lorafleet.errors import ConfigError
 
 __all__ = ["FedAvg"]
 
@@ -36,16 +31,8 @@ class FedAvg(FederatedAlgorithm):
 
     name: ClassVar[str] = "fedavg"
     homogeneous: ClassVar[bool] = True
-
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
-        if options.get("server_optimizer", "avg") != "avg":
-            raise ConfigError(
-                "train.server_optimizer",
-                "fedavg averages client adapters, so it must be 'avg' (FedOpt-style server "
-                "steps: use algorithm fslora)",
-            )
-        self.weighting = str(options.get("aggregation_weights", "uniform"))
+    client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # FedAvg averages models
+    averages_models: ClassVar[bool] = True
 
     def init_state(self) -> ServerState:
         """Global factors and dense values as PEFT initialised them."""
@@ -59,13 +46,6 @@ class FedAvg(FederatedAlgorithm):
             ranks=dict.fromkeys(self.spec.modules, self.spec.rank),
             scaling=dict.fromkeys(self.spec.modules, s),
         )
-
-    def client_update(
-        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
-    ) -> ClientResult:
-        """Train and return the trained factors themselves (FedAvg averages models)."""
-        trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
-        return ClientResult(tensors=trained, num_examples=0, metrics=metrics)
 
     def aggregate(
         self,

@@ -15,25 +15,22 @@ until the first aggregation; nothing relies on it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from lorafleet.algorithms.base import (
     AdapterSpec,
-    Batch,
     ClientInfo,
     ClientResult,
-    ClientTrainer,
     FederatedAlgorithm,
     GlobalAdapter,
     Payload,
     ServerState,
     Tensors,
+    aggregation_weights,
     lora_key,
 )
-from lorafleet.algorithms.fslora import aggregation_weights
 from lorafleet.errors import ConfigError
 
 __all__ = ["FlexLoRA", "factored_svd", "svd_key", "truncated_svd"]
@@ -82,17 +79,11 @@ class FlexLoRA(FederatedAlgorithm):
     """
 
     name: ClassVar[str] = "flexlora"
-    homogeneous: ClassVar[bool] = False
+    client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # products are averaged
+    averages_models: ClassVar[bool] = True
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)
-        if options.get("server_optimizer", "avg") != "avg":
-            raise ConfigError(
-                "train.server_optimizer",
-                "flexlora averages client LoRA products, so it must be 'avg' "
-                "(FedOpt-style server steps: use algorithm fslora)",
-            )
-        self.weighting = str(options.get("aggregation_weights", "uniform"))
         for module, (m, n) in spec.modules.items():
             if spec.rank > min(m, n):
                 raise ConfigError(
@@ -142,13 +133,6 @@ class FlexLoRA(FederatedAlgorithm):
             scaling=dict.fromkeys(self.spec.modules, s),
         )
 
-    def client_update(
-        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
-    ) -> ClientResult:
-        """Train and return the trained factors themselves (the server multiplies them out)."""
-        trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
-        return ClientResult(tensors=trained, num_examples=0, metrics=metrics)
-
     def aggregate(
         self,
         state: ServerState,
@@ -175,10 +159,7 @@ class FlexLoRA(FederatedAlgorithm):
             new[svd_key(module, "U")] = u.to(dtype)
             new[svd_key(module, "S")] = s.to(dtype)
             new[svd_key(module, "Vh")] = vh.to(dtype)
-        for name in self.spec.dense:
-            new[name] = torch.zeros_like(state.tensors[name])
-            for w, (_, _, res) in zip(p, results, strict=True):
-                new[name] += w * res.tensors[name]
+        new.update(self.average_dense(results, p))
         return ServerState(tensors=new, meta=dict(state.meta))
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:

@@ -22,26 +22,23 @@ module), although a remote client could draw it from the seed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from lorafleet.algorithms.base import (
     AdapterSpec,
-    Batch,
     ClientInfo,
     ClientResult,
-    ClientTrainer,
     FederatedAlgorithm,
     GlobalAdapter,
     Payload,
     ServerState,
     Tensors,
+    aggregation_weights,
+    derive_seed,
     lora_key,
 )
-from lorafleet.algorithms.fslora import _derive_seed, aggregation_weights
-from lorafleet.errors import ConfigError
 
 __all__ = ["FLoRA", "fresh_lora_A", "stack_adapters"]
 
@@ -85,7 +82,7 @@ def stack_adapters(
 def fresh_lora_A(seed: int, round: int, client: int, module: str, rank: int, n: int
                  ) -> torch.Tensor:
     """A fresh A (rank, n) drawn as PEFT draws it (kaiming_uniform_, a = sqrt(5)), seeded."""
-    gen = torch.Generator().manual_seed(_derive_seed(seed, "flora-init", round, client, module))
+    gen = torch.Generator().manual_seed(derive_seed(seed, "flora-init", round, client, module))
     a = torch.empty(rank, n)
     torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
     return a
@@ -113,18 +110,12 @@ class FLoRA(FederatedAlgorithm):
     """
 
     name: ClassVar[str] = "flora"
-    homogeneous: ClassVar[bool] = False
     merges_into_base: ClassVar[bool] = True
+    client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # B_i A_i is the update
+    averages_models: ClassVar[bool] = True
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)
-        if options.get("server_optimizer", "avg") != "avg":
-            raise ConfigError(
-                "train.server_optimizer",
-                "flora merges the exact weighted sum of client updates into the base, so it "
-                "must be 'avg' (FedOpt-style server steps: use algorithm fslora)",
-            )
-        self.weighting = str(options.get("aggregation_weights", "uniform"))
 
     def init_state(self) -> ServerState:
         """Zero cumulative deltas and the initial dense values; no stack yet."""
@@ -162,13 +153,6 @@ class FLoRA(FederatedAlgorithm):
             extra=extra,
         )
 
-    def client_update(
-        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
-    ) -> ClientResult:
-        """Train the fresh adapter and return the trained factors (B_i A_i is the update)."""
-        trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
-        return ClientResult(tensors=trained, num_examples=0, metrics=metrics)
-
     def aggregate(
         self,
         state: ServerState,
@@ -192,10 +176,7 @@ class FLoRA(FederatedAlgorithm):
                                        ).to(delta.dtype)
             new[_stack_key(module, "B")] = b_stack
             new[_stack_key(module, "A")] = a_stack
-        for name in self.spec.dense:
-            new[name] = torch.zeros_like(state.tensors[name])
-            for w, (_, _, res) in zip(p, results, strict=True):
-                new[name] += w * res.tensors[name]
+        new.update(self.average_dense(results, p))
         return ServerState(tensors=new, meta=dict(state.meta))
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:

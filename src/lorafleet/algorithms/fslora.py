@@ -14,7 +14,6 @@ draws the same sketches.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, ClassVar
 
 import torch
@@ -28,16 +27,13 @@ from lorafleet.algorithms.base import (
     Payload,
     ServerState,
     Tensors,
+    aggregation_weights,
+    derive_seed,
     lora_key,
 )
 from lorafleet.algorithms.server_opt import server_step
 
-__all__ = ["FSLoRA", "aggregation_weights", "sketch_indices", "sketch_matrix"]
-
-
-def _derive_seed(*parts: int | str) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+__all__ = ["FSLoRA", "sketch_indices", "sketch_matrix"]
 
 
 def sketch_indices(seed: int, round: int, client: int, module: str, rank: int, k: int
@@ -49,7 +45,7 @@ def sketch_indices(seed: int, round: int, client: int, module: str, rank: int, k
     """
     if not 0 < k <= rank:
         raise ValueError(f"sketch size k={k} must be in [1, {rank}]")
-    gen = torch.Generator().manual_seed(_derive_seed(seed, "sketch", round, client, module))
+    gen = torch.Generator().manual_seed(derive_seed(seed, "sketch", round, client, module))
     return torch.randperm(rank, generator=gen)[:k].sort().values
 
 
@@ -59,16 +55,6 @@ def sketch_matrix(indices: torch.Tensor, rank: int) -> torch.Tensor:
     diag = torch.zeros(rank)
     diag[indices] = rank / len(indices)
     return torch.diag(diag)
-
-
-def aggregation_weights(
-    results: list[tuple[ClientInfo, Payload, ClientResult]], mode: str
-) -> list[float]:
-    """p_i over a round's accepted clients: uniform 1/|S_t|, or proportional to n_i."""
-    if mode == "examples":
-        total = sum(c.num_examples for c, _, _ in results)
-        return [c.num_examples / total for c, _, _ in results]
-    return [1.0 / len(results)] * len(results)
 
 
 class FSLoRA(FederatedAlgorithm):
@@ -81,13 +67,11 @@ class FSLoRA(FederatedAlgorithm):
     """
 
     name: ClassVar[str] = "fslora"
-    homogeneous: ClassVar[bool] = False
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)
         self.server_optimizer = str(options.get("server_optimizer", "avg"))
         self.server_lr = float(options.get("server_lr", 1.0))
-        self.weighting = str(options.get("aggregation_weights", "uniform"))
 
     def _params_keys(self) -> list[str]:
         keys = [lora_key(m, w) for m in self.spec.modules for w in ("A", "B")]

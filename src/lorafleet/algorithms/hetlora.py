@@ -27,24 +27,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from lorafleet.algorithms.base import (
     AdapterSpec,
-    Batch,
     ClientInfo,
     ClientResult,
-    ClientTrainer,
     FederatedAlgorithm,
     GlobalAdapter,
     Payload,
     ServerState,
     Tensors,
+    aggregation_weights,
     lora_key,
 )
-from lorafleet.algorithms.fslora import aggregation_weights
 from lorafleet.errors import ConfigError
 
 __all__ = ["HETLORA_WEIGHTS", "HetLoRA", "pruned_rank", "trailing_rank_ratio"]
@@ -96,17 +94,11 @@ class HetLoRA(FederatedAlgorithm):
     """
 
     name: ClassVar[str] = "hetlora"
-    homogeneous: ClassVar[bool] = False
+    client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # padded and averaged
+    averages_models: ClassVar[bool] = True
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)
-        if options.get("server_optimizer", "avg") != "avg":
-            raise ConfigError(
-                "train.server_optimizer",
-                "hetlora averages zero-padded client adapters, so it must be 'avg' "
-                "(FedOpt-style server steps: use algorithm fslora)",
-            )
-        self.weighting = str(options.get("aggregation_weights", "uniform"))
         self.factor_weighting = str(options.get("hetlora_weights", "norm"))
         if self.factor_weighting not in HETLORA_WEIGHTS:
             raise ConfigError("hetlora.weights", f"must be one of {', '.join(HETLORA_WEIGHTS)}, "
@@ -148,13 +140,6 @@ class HetLoRA(FederatedAlgorithm):
             ranks=dict.fromkeys(self.spec.modules, k),
             scaling=dict.fromkeys(self.spec.modules, s),
         )
-
-    def client_update(
-        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
-    ) -> ClientResult:
-        """Train and return the trained factors themselves (the server pads and averages them)."""
-        trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
-        return ClientResult(tensors=trained, num_examples=0, metrics=metrics)
 
     def factor_weights(
         self, factors: list[tuple[torch.Tensor, torch.Tensor]], scalings: list[float],
@@ -200,10 +185,7 @@ class HetLoRA(FederatedAlgorithm):
                 a_new[:k, :] += w * a
                 b_new[:, :k] += w * b
             new[key_a], new[key_b] = a_new, b_new
-        for name in self.spec.dense:
-            new[name] = torch.zeros_like(state.tensors[name])
-            for w, (_, _, res) in zip(p, results, strict=True):
-                new[name] += w * res.tensors[name]
+        new.update(self.average_dense(results, p))
         meta = dict(state.meta)
         if self.self_pruning:
             ranks = dict(meta.get("client_ranks", {}))
