@@ -55,7 +55,7 @@ def _write_run(root: Path, algorithm: str, seed: int, rounds: int = 4) -> Path:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     ranks = [1, 2, 4] if algorithm == "fslora" else [4, 4, 4]
     summary = {
-        "name": f"{algorithm}-test", "algorithm": algorithm, "seed": seed, "rounds": rounds,
+        "name": "cmp-test", "algorithm": algorithm, "seed": seed, "rounds": rounds,
         "metric": "accuracy", "higher_is_better": True, "base": 0.2, "final": final,
         "best": final + 0.01, "bytes_up": rounds * per_round_up,
         "bytes_down": 2 * rounds * per_round_up + seed, "bytes_per_value": 4,
@@ -167,3 +167,14 @@ def test_mixed_metrics_cannot_share_a_plot(runs_dir: Path, tmp_path: Path) -> No
     runs[0].summary["metric"] = "perplexity"
     with pytest.raises(LorafleetError, match="different metrics"):
         make_plots(runs, tmp_path / "out")
+
+
+def test_runs_of_different_experiments_are_not_averaged_together(tmp_path: Path) -> None:
+    a = _write_run(tmp_path / "a", "fslora", 0)
+    b = _write_run(tmp_path / "b", "fslora", 1)
+    summary = json.loads((b / "summary.json").read_text())
+    summary["name"] = "other"
+    (b / "summary.json").write_text(json.dumps(summary))
+    rows = results_table(find_runs([a, b]))
+    assert [r["algorithm"] for r in rows] == ["cmp-test/fslora", "other/fslora"]
+    assert [r["seeds"] for r in rows] == [1, 1]

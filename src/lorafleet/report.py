@@ -142,10 +142,13 @@ def _load_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs by algorithm, in first-seen order."""
+    """Runs by algorithm, in first-seen order; by ``name/algorithm`` when the runs come
+    from differently named experiments (so two experiments are never averaged together)."""
+    names = {str(r.summary.get("name", "")) for r in runs}
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.algorithm, []).append(run)
+        key = run.algorithm if len(names) <= 1 else f"{run.summary.get('name', '')}/{run.algorithm}"
+        groups.setdefault(key, []).append(run)
     return groups
 
 
