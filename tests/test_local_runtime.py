@@ -188,3 +188,29 @@ def test_a_failing_client_is_dropped_and_the_round_completes(
     monkeypatch.setattr(FSLoRA, "client_update", broken)
     with pytest.raises(LorafleetError, match="every client of round 1 failed"):
         _run(tmp_path, tiny_overrides(tiny_bert_dir, tiny_text_csv, rounds=1), name="all")
+
+
+def test_export_an_interrupted_run_as_adapter_and_merged_model(tmp_path, tiny_bert_dir,
+                                                               tiny_text_csv):
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafleet.runtimes.local import export_run
+
+    over = tiny_overrides(tiny_bert_dir, tiny_text_csv, rounds=3)
+    cfg = load_config(None, over)
+    run_local(cfg, tmp_path / "cut", progress=False, stop_after=1)
+    export_run(tmp_path / "cut", tmp_path / "adapter")
+    export_run(tmp_path / "cut", tmp_path / "merged", merged=True)
+    exp = build_experiment(cfg)
+    batch = exp.task.collate(exp.eval_items[:5])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    base, _ = load_base_model(cfg.model, cfg.task.kind, 3, seed=5)
+    with torch.no_grad():
+        a = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(**inputs).logits
+        b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()(
+            **inputs).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(LorafleetError, match="not empty"):
+        export_run(tmp_path / "cut", tmp_path / "adapter")
+    with pytest.raises(LorafleetError, match="no checkpoint"):
+        export_run(tmp_path / "nothing", tmp_path / "x")

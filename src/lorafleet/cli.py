@@ -162,6 +162,26 @@ def report(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or not).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")],
+    merged: Annotated[bool, typer.Option(
+        help="Merge the adapter into the base and write a full model.")] = False,
+) -> None:
+    """Export the global model of a run's latest checkpoint (PEFT adapter or merged model)."""
+    _setup_logging(False)
+    from lorafleet.runtimes.local import export_run
+
+    try:
+        path = export_run(run_dir, out, merged=merged)
+    except LorafleetError as err:
+        _fail(str(err))
+        return
+    out_console.print(f"wrote {'merged model' if merged else 'adapter'} to {path}",
+                      highlight=False)
+
+
+@app.command()
 def assets(
     prepare: Annotated[bool, typer.Option(
         help="Convert and cache what needs it (SmolLM2 GGUF -> safetensors).")] = False,

@@ -40,7 +40,7 @@ from lorafleet.models.adapters import PeftClientTrainer
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.validation import validate_update
 
-__all__ = ["RunResult", "evaluate_global", "run_local"]
+__all__ = ["RunResult", "evaluate_global", "export_run", "run_local"]
 
 log = logging.getLogger("lorafleet")
 
@@ -306,6 +306,29 @@ def run_local(
 
     summary = _finish(exp, run, state, rows, ledger, clock, wall())
     return RunResult(summary=summary, metrics=rows)
+
+
+def export_run(run_dir: Path, out: Path, *, merged: bool = False) -> Path:
+    """Write the global model of ``run_dir``'s latest checkpoint to ``out``.
+
+    An adapter directory (PEFT format) by default, or with ``merged`` a full model with the
+    adapter merged into the base (loadable with ``from_pretrained``). Works on unfinished
+    runs too: it exports the last finished round.
+    """
+    run = RunDir(run_dir)
+    ckpt = load_checkpoint(run.checkpoint_dir)
+    if ckpt is None:
+        raise LorafleetError(f"{run_dir} has no checkpoint to export (not a lorafleet run dir?)")
+    if out.exists() and any(out.iterdir()):
+        raise LorafleetError(f"{out} is not empty; choose another --out")
+    exp = build_experiment(run.stored_config())
+    ga = exp.algorithm.global_adapter(ckpt.state)
+    exp.model.set_global(ga.tensors, ga.scaling, ga.base_delta)
+    if merged or exp.algorithm.merges_into_base:
+        exp.model.save_merged(out)
+    else:
+        exp.model.save_adapter(out)
+    return out
 
 
 def _finish(
