@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorafleet.algorithms import ALGORITHMS
+from lorafleet.algorithms import ALGORITHMS, algorithm_class
 from lorafleet.config import load_config
 from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.report import find_runs, report
@@ -32,9 +32,7 @@ def parse_algorithms(text: str) -> list[str]:
     if not names:
         raise ConfigError("--algorithms", f"give at least one of: {', '.join(ALGORITHMS)}")
     for name in names:
-        if name not in ALGORITHMS:
-            raise ConfigError("--algorithms", f"unknown algorithm '{name}' (allowed: "
-                              f"{', '.join(ALGORITHMS)})")
+        algorithm_class(name, field="--algorithms")
     if len(set(names)) != len(names):
         raise ConfigError("--algorithms", "an algorithm is listed twice")
     return names

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.algorithms import ALGORITHMS, ClientInfo, FederatedAlgorithm, make_algorithm
+from lorafleet.algorithms import (
+    ALGORITHMS,
+    ClientInfo,
+    FederatedAlgorithm,
+    algorithm_class,
+    make_algorithm,
+)
 from lorafleet.algorithms.base import Batch, derive_seed
 from lorafleet.config import DeviceProfile, ExperimentConfig
 from lorafleet.data.datasets import load_text_dataset, train_eval_split
@@ -46,9 +52,7 @@ class Experiment:
 
 def check_config(cfg: ExperimentConfig) -> None:
     """Cheap checks that need no model or data (run before anything slow)."""
-    if cfg.algorithm not in ALGORITHMS:
-        raise ConfigError("algorithm", f"unknown algorithm '{cfg.algorithm}' (allowed: "
-                          f"{', '.join(ALGORITHMS)})")
+    algorithm_class(cfg.algorithm)
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:

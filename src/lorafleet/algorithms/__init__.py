@@ -38,6 +38,7 @@ __all__ = [
     "Payload",
     "ServerState",
     "Tensors",
+    "algorithm_class",
     "make_algorithm",
 ]
 
@@ -50,11 +51,16 @@ ALGORITHMS: dict[str, type[FederatedAlgorithm]] = {
 }
 
 
+def algorithm_class(name: str, field: str = "algorithm") -> type[FederatedAlgorithm]:
+    """The class registered as ``name``; unknown names raise a ConfigError on ``field``."""
+    cls = ALGORITHMS.get(name)
+    if cls is None:
+        raise ConfigError(field, f"unknown algorithm '{name}' (allowed: "
+                          f"{', '.join(ALGORITHMS)})")
+    return cls
+
+
 def make_algorithm(name: str, spec: AdapterSpec, *, seed: int, **options: Any
                    ) -> FederatedAlgorithm:
     """Build the algorithm registered as ``name``; unknown names raise a ConfigError."""
-    cls = ALGORITHMS.get(name)
-    if cls is None:
-        raise ConfigError("algorithm", f"unknown algorithm '{name}' (allowed: "
-                          f"{', '.join(ALGORITHMS)})")
-    return cls(spec, seed=seed, **options)
+    return algorithm_class(name)(spec, seed=seed, **options)

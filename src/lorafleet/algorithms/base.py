@@ -249,6 +249,12 @@ class FederatedAlgorithm(ABC):
         deltas = {k: trained[k] - payload.tensors[k] for k in payload.tensors}
         return ClientResult(tensors=deltas, num_examples=0, metrics=metrics)
 
+    def uniform_payload(self, tensors: Tensors, rank: int, scaling: float,
+                        extra: Tensors | None = None) -> Payload:
+        """A payload whose adapter has the same ``rank`` and ``scaling`` in every module."""
+        return Payload(tensors=tensors, ranks=dict.fromkeys(self.spec.modules, rank),
+                       scaling=dict.fromkeys(self.spec.modules, scaling), extra=extra or {})
+
     def average_dense(
         self, results: list[tuple[ClientInfo, Payload, ClientResult]], weights: list[float]
     ) -> Tensors:

@@ -41,11 +41,8 @@ class FedAvg(FederatedAlgorithm):
     def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
         """The whole global adapter at rank r with scaling s."""
         s = self.spec.scaling(self.spec.rank)
-        return Payload(
-            tensors={k: v.clone() for k, v in state.tensors.items()},
-            ranks=dict.fromkeys(self.spec.modules, self.spec.rank),
-            scaling=dict.fromkeys(self.spec.modules, s),
-        )
+        return self.uniform_payload({k: v.clone() for k, v in state.tensors.items()},
+                                    self.spec.rank, s)
 
     def aggregate(
         self,

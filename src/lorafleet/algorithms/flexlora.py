@@ -127,11 +127,7 @@ class FlexLoRA(FederatedAlgorithm):
             tensors[lora_key(module, "A")], tensors[lora_key(module, "B")] = a, b
         for name in self.spec.dense:
             tensors[name] = state.tensors[name].clone()
-        return Payload(
-            tensors=tensors,
-            ranks=dict.fromkeys(self.spec.modules, k),
-            scaling=dict.fromkeys(self.spec.modules, s),
-        )
+        return self.uniform_payload(tensors, k, s)
 
     def aggregate(
         self,

@@ -146,12 +146,7 @@ class FLoRA(FederatedAlgorithm):
                     extra[key] = state.tensors[key]  # shared, read-only: not copied per client
         for name in self.spec.dense:
             tensors[name] = state.tensors[name].clone()
-        return Payload(
-            tensors=tensors,
-            ranks=dict.fromkeys(self.spec.modules, k),
-            scaling=dict.fromkeys(self.spec.modules, self.spec.scaling(k)),
-            extra=extra,
-        )
+        return self.uniform_payload(tensors, k, self.spec.scaling(k), extra)
 
     def aggregate(
         self,

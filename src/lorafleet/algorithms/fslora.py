@@ -96,11 +96,7 @@ class FSLoRA(FederatedAlgorithm):
         for name in self.spec.dense:
             tensors[name] = state.tensors[name].clone()
         scale = self.spec.scaling(r) * r / k
-        return Payload(
-            tensors=tensors,
-            ranks=dict.fromkeys(self.spec.modules, k),
-            scaling=dict.fromkeys(self.spec.modules, scale),
-        )
+        return self.uniform_payload(tensors, k, scale)
 
     def aggregate(
         self,

@@ -135,11 +135,7 @@ class HetLoRA(FederatedAlgorithm):
         for name in self.spec.dense:
             tensors[name] = state.tensors[name].clone()
         s = self.spec.scaling(self.spec.rank)  # global scaling: client model = truncated global
-        return Payload(
-            tensors=tensors,
-            ranks=dict.fromkeys(self.spec.modules, k),
-            scaling=dict.fromkeys(self.spec.modules, s),
-        )
+        return self.uniform_payload(tensors, k, s)
 
     def factor_weights(
         self, factors: list[tuple[torch.Tensor, torch.Tensor]], scalings: list[float],
