@@ -92,6 +92,27 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with 4 layers (split points 1..3), for split learning."""
+    tokenizer = _minilm_tokenizer(decoder=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_TINY["hidden"],
+        num_hidden_layers=4,
+        num_attention_heads=_TINY["heads"],
+        num_key_value_heads=_TINY["heads"],
+        intermediate_size=_TINY["intermediate"],
+        max_position_embeddings=_TINY["positions"],
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+    )
+    model = _seeded(lambda: LlamaForCausalLM(config))
+    return _save(model, tokenizer, tmp_path_factory.mktemp("tiny_llama4"))
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT-2 causal LM with the MiniLM tokenizer (eos [SEP], pad [PAD])."""
     tokenizer = _minilm_tokenizer(decoder=True)

@@ -19,11 +19,13 @@ __all__ = [
     "DeviceProfile",
     "ExperimentConfig",
     "FleetConfig",
+    "HSplitLoRASettings",
     "HetLoRASettings",
     "LoraSettings",
     "ModelConfig",
     "PartitionConfig",
     "SketchConfig",
+    "SplitSettings",
     "TaskConfig",
     "TrainConfig",
     "apply_overrides",
@@ -54,6 +56,11 @@ class DataConfig(_Section):
     )
     text_field: str = Field("text", description="Column holding the input text.")
     label_field: str = Field("label", description="Column holding the class label.")
+    target_field: str = Field(
+        "target",
+        description="Column holding the reference output of a generation task (if absent: "
+        "no targets, unless set explicitly).",
+    )
     split: str = Field("train", description="Split to read from a `datasets` dataset.")
     max_examples: int | None = Field(
         None, gt=0, description="Keep at most this many examples (after a seeded shuffle)."
@@ -68,14 +75,25 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    kind: Literal["classification", "generative-classification", "causal-lm"] = Field(
-        "classification",
-        description="classification: a classifier head, accuracy; generative-classification: "
-        "a causal LM answers a label word, exact match; causal-lm: next-token loss, perplexity.",
+    kind: Literal["classification", "generative-classification", "causal-lm", "generation"] = (
+        Field(
+            "classification",
+            description="classification: a classifier head, accuracy; generative-classification: "
+            "a causal LM answers a label word, exact match; causal-lm: next-token loss, "
+            "perplexity; generation: a causal LM writes each example's target text (loss on the "
+            "target only), ROUGE-L (also BLEU, perplexity).",
+        )
     )
     prompt_template: str = Field(
         "{text}\nTopic:",
         description="Prompt for generative-classification; `{text}` is the example text.",
+    )
+    generation_prompt: str = Field(
+        "{text}\nHeadline:",
+        description="Prompt for generation; `{text}` is the example text, the target follows.",
+    )
+    max_new_tokens: int = Field(
+        24, gt=0, description="Generation: most tokens decoded greedily per evaluated example."
     )
     eval_batch_size: int = Field(32, gt=0, description="Batch size for evaluation.")
 
@@ -189,6 +207,74 @@ class HetLoRASettings(_Section):
     )
 
 
+class SplitSettings(_Section):
+    split_point: int | None = Field(
+        None, gt=0,
+        description="Split family: the fixed split point s (the device runs layers [0, s)) of "
+        "splitlora, hetlora-split and HSplitLoRA with `hsplitlora.adaptive: false`; null: the "
+        "deepest s at which every client's memory budget holds rank lora.rank adapters.",
+    )
+    labels: Literal["server", "device"] = Field(
+        "server",
+        description="Where the loss is computed: server (labels travel with the activations, "
+        "SFL-V1) or device (the server sends logits back and receives their gradient; labels "
+        "never leave the device, at the price of logits traffic).",
+    )
+    rank_set: list[int] = Field(
+        [0, 2, 4, 8, 16],
+        description="Q: ranks the split planner may give a weight (0 = no adapter); "
+        "hetlora-split draws each client's rank from Q's positive values.",
+    )
+    server_tflops: float = Field(
+        50.0, gt=0, description="Main server compute, TFLOP/s (server-side layers per client)."
+    )
+    step_seconds: float | None = Field(
+        None, gt=0,
+        description="Compute budget: a device step may take at most this many seconds at its "
+        "profile's tflops (null: memory budget only).",
+    )
+    memory_scale: float = Field(
+        1.0, gt=0,
+        description="Budgets are the profiles' memory_gb times this factor (scale a paper's "
+        "budgets to a smaller model).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitSettings:
+        q = self.rank_set
+        if not q or any(r < 0 for r in q) or max(q) <= 0:
+            raise ValueError("rank_set must be non-empty and positive, e.g. [2, 4, 8] "
+                             f"(0 is allowed only as 'no adapter' beside them), got {q}")
+        return self
+
+
+class HSplitLoRASettings(_Section):
+    importance: bool = Field(
+        True, description="Part 1: importance-driven planning (off: every weight equally "
+        "important)."
+    )
+    adaptive: bool = Field(
+        True, description="Part 2: per-client split point and ranks from budgets and importance "
+        "(off: split.split_point and rank lora.rank everywhere)."
+    )
+    noise_free: bool = Field(
+        True, description="Part 3: stacking aggregation merged into the base (off: zero-padded "
+        "averaging of A and B, as HetLoRA)."
+    )
+    replan_threshold: float = Field(
+        0.05, ge=0, le=1,
+        description="Re-plan when the normalised importance moved by more than this (total "
+        "variation, in [0, 1]) since the last plan.",
+    )
+    split_policy: Literal["objective", "deepest"] = Field(
+        "objective", description="objective: the split with the best importance objective "
+        "(ties deeper); deepest: the deepest affordable split."
+    )
+    tau: float = Field(
+        10.0, gt=0, description="Smoothing time constant of the importance, in rounds."
+    )
+
+
 class ExperimentConfig(_Section):
     name: str = Field("demo", description="A label for the run (default run dir runs/<name>).")
     algorithm: str = Field(
@@ -207,6 +293,8 @@ class ExperimentConfig(_Section):
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     hetlora: HetLoRASettings = Field(default_factory=HetLoRASettings)
+    split: SplitSettings = Field(default_factory=SplitSettings)
+    hsplitlora: HSplitLoRASettings = Field(default_factory=HSplitLoRASettings)
 
     @model_validator(mode="after")
     def _cross_check(self) -> ExperimentConfig:

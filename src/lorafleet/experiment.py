@@ -6,20 +6,24 @@ the same config and seed give the same clients, data and initial adapter everywh
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
 from lorafleet.algorithms import (
-    ALGORITHMS,
     ClientInfo,
     FederatedAlgorithm,
+    HSplitLoRA,
+    HSplitLoRAPadded,
+    SplitContext,
     algorithm_class,
-    make_algorithm,
 )
 from lorafleet.algorithms.base import Batch, derive_seed
+from lorafleet.algorithms.split import budget_ranks, common_split_point, weight_of
 from lorafleet.config import DeviceProfile, ExperimentConfig
 from lorafleet.data.datasets import load_text_dataset, train_eval_split
 from lorafleet.data.partition import partition_indices, partition_summary
@@ -28,9 +32,12 @@ from lorafleet.errors import ConfigError
 from lorafleet.fleet import make_profiles, sketch_sizes
 from lorafleet.models.adapters import AdaptedModel
 from lorafleet.models.loading import default_target_modules, head_module_names, load_base_model
+from lorafleet.models.split import split_model
+from lorafleet.split.cost import ModelDims
+from lorafleet.split.planner import check_rank_set
 
 __all__ = ["Experiment", "build_experiment", "check_config", "client_batches", "derive_seed",
-           "sample_clients"]
+           "resolve_algorithm", "sample_clients", "split_context"]
 
 
 @dataclass
@@ -48,11 +55,55 @@ class Experiment:
     profiles: list[DeviceProfile]
     clients: list[ClientInfo]
     algorithm: FederatedAlgorithm
+    steps_per_round: int
+    split: SplitContext | None = None
 
 
 def check_config(cfg: ExperimentConfig) -> None:
     """Cheap checks that need no model or data (run before anything slow)."""
-    algorithm_class(cfg.algorithm)
+    cls = algorithm_class(cfg.algorithm)
+    if cls.split_learning:
+        check_rank_set(cfg.split.rank_set)
+
+
+def resolve_algorithm(cfg: ExperimentConfig) -> type[FederatedAlgorithm]:
+    """The class that runs ``cfg.algorithm`` (HSplitLoRA without noise-free aggregation is
+    its padded variant)."""
+    cls = algorithm_class(cfg.algorithm)
+    if cls is HSplitLoRA and not cfg.hsplitlora.noise_free:
+        return HSplitLoRAPadded
+    return cls
+
+
+def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Module,
+                  profiles: list[DeviceProfile]) -> SplitContext:
+    """The split family's view of the model and fleet: dims, budgets, the fixed split.
+
+    Raises:
+        ConfigError: split.split_point outside [1, L-1].
+        LorafleetError: an architecture the splitter does not know, or a budget too small.
+    """
+    config = cast(Any, base).config
+    split_model(model.peft, 1)  # refuses unknown architectures with the supported list
+    dims = ModelDims.from_config(config)
+    weights = {module: weight_of(dims, module) for module in model.spec.modules}
+    budgets = [p.memory_gb * 1e9 * cfg.split.memory_scale for p in profiles]
+    step = cfg.split.step_seconds
+    flops = [None if step is None else p.tflops * 1e12 * step for p in profiles]
+    ctx = SplitContext(
+        dims=dims, weights=weights, budgets_bytes=budgets, budgets_flops=flops,
+        batch=cfg.train.batch_size, seq=cfg.data.max_length,
+        rank_set=check_rank_set(cfg.split.rank_set), split_point=1,
+        optimizer=cfg.train.optimizer,
+        eager_attention=getattr(config, "_attn_implementation", "eager") == "eager",
+    )
+    fixed = cfg.split.split_point
+    if fixed is None:
+        fixed = common_split_point(ctx, cfg.lora.rank)
+    elif not 1 <= fixed <= dims.num_layers - 1:
+        raise ConfigError("split.split_point", f"{fixed} is outside [1, L-1] = "
+                          f"[1, {dims.num_layers - 1}] for this {dims.num_layers}-layer model")
+    return dataclasses.replace(ctx, split_point=fixed)
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -75,7 +126,13 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         cfg.model, cfg.task.kind, max(len(dataset.label_names), 1), cfg.seed
     )
     task = make_task(cfg, tokenizer, dataset.label_names)
-    targets = cfg.lora.target_modules or default_target_modules(base)
+    algo_cls = resolve_algorithm(cfg)
+    if cfg.lora.target_modules:
+        targets = cfg.lora.target_modules
+    elif algo_cls.adapts_all_weights:
+        targets = list(ModelDims.from_config(cast(Any, base).config).modules.values())
+    else:
+        targets = default_target_modules(base)
     heads = head_module_names(base, cfg.task.kind) if cfg.lora.train_head else []
     try:
         model = AdaptedModel(
@@ -92,15 +149,22 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         raise ConfigError("lora.target_modules", str(err)) from None
 
     profiles = make_profiles(cfg.fleet, cfg.num_clients, cfg.seed)
-    algo_cls = ALGORITHMS[cfg.algorithm]
-    if getattr(algo_cls, "homogeneous", False):
-        ranks = [cfg.lora.rank] * cfg.num_clients
+    steps = cfg.train.local_steps
+    if algo_cls.pools_data:  # one machine holds every example and does the fleet's work
+        per_round = min(cfg.train.clients_per_round or cfg.num_clients, cfg.num_clients)
+        steps *= per_round
+        parts = [sorted(i for part in parts for i in part)]
+        profiles = profiles[:1]
+    ctx = split_context(cfg, model, base, profiles) if algo_cls.split_learning else None
+    if algo_cls.homogeneous:
+        ranks = [cfg.lora.rank] * len(parts)
+    elif ctx is not None:
+        ranks = budget_ranks(ctx, cfg.lora.rank)
     else:
         ranks = sketch_sizes(cfg.fleet, profiles, cfg.lora.rank, cfg.seed)
     clients = [ClientInfo(id=i, rank=ranks[i], num_examples=len(parts[i]))
-               for i in range(cfg.num_clients)]
-    algorithm = make_algorithm(
-        cfg.algorithm,
+               for i in range(len(parts))]
+    algorithm = algo_cls(
         model.spec,
         seed=cfg.seed,
         server_optimizer=cfg.train.server_optimizer,
@@ -109,6 +173,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         hetlora_weights=cfg.hetlora.weights,
         self_pruning=cfg.hetlora.self_pruning,
         prune_gamma=cfg.hetlora.prune_gamma,
+        split_context=ctx,
+        **cfg.hsplitlora.model_dump(),
     )
     return Experiment(
         cfg=cfg,
@@ -122,6 +188,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         profiles=profiles,
         clients=clients,
         algorithm=algorithm,
+        steps_per_round=steps,
+        split=ctx,
     )
 
 

@@ -20,11 +20,20 @@ from lorafleet.algorithms.flexlora import FlexLoRA
 from lorafleet.algorithms.flora import FLoRA
 from lorafleet.algorithms.fslora import FSLoRA
 from lorafleet.algorithms.hetlora import HetLoRA
+from lorafleet.algorithms.split import (
+    Centralized,
+    HetLoRASplit,
+    HSplitLoRA,
+    HSplitLoRAPadded,
+    SplitContext,
+    SplitLoRA,
+)
 from lorafleet.errors import ConfigError
 
 __all__ = [
     "ALGORITHMS",
     "AdapterSpec",
+    "Centralized",
     "ClientInfo",
     "ClientResult",
     "ClientTrainer",
@@ -32,11 +41,16 @@ __all__ = [
     "FSLoRA",
     "FedAvg",
     "FlexLoRA",
+    "HSplitLoRA",
+    "HSplitLoRAPadded",
     "HetLoRA",
+    "HetLoRASplit",
     "FederatedAlgorithm",
     "GlobalAdapter",
     "Payload",
     "ServerState",
+    "SplitContext",
+    "SplitLoRA",
     "Tensors",
     "algorithm_class",
     "make_algorithm",
@@ -48,6 +62,10 @@ ALGORITHMS: dict[str, type[FederatedAlgorithm]] = {
     HetLoRA.name: HetLoRA,
     FlexLoRA.name: FlexLoRA,
     FLoRA.name: FLoRA,
+    HSplitLoRA.name: HSplitLoRA,
+    SplitLoRA.name: SplitLoRA,
+    HetLoRASplit.name: HetLoRASplit,
+    Centralized.name: Centralized,
 }
 
 

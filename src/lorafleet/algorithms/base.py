@@ -209,6 +209,11 @@ class FederatedAlgorithm(ABC):
             the payload, or the trained ``"values"`` themselves.
         averages_models: the server averages client adapters, so a FedOpt server optimizer
             would be silently wrong; the constructor refuses anything but ``avg``.
+        split_learning: clients train by split learning at ``payload.config["split_point"]``
+            (:mod:`lorafleet.algorithms.split`).
+        pools_data: one client holds every training example (the centralised upper bound).
+        adapts_all_weights: adapt every candidate weight of a layer by default (q, k, v, o,
+            gate, up, down), not the architecture's default q and v.
 
     Options every algorithm reads: ``aggregation_weights`` ("uniform" | "examples").
     """
@@ -218,6 +223,9 @@ class FederatedAlgorithm(ABC):
     merges_into_base: ClassVar[bool] = False
     client_returns: ClassVar[Literal["deltas", "values"]] = "deltas"
     averages_models: ClassVar[bool] = False
+    split_learning: ClassVar[bool] = False
+    pools_data: ClassVar[bool] = False
+    adapts_all_weights: ClassVar[bool] = False
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         self.spec = spec

@@ -34,9 +34,10 @@ from lorafleet.algorithms.base import (
     split_key,
 )
 
-__all__ = ["AdaptedModel", "LossFn", "PeftClientTrainer", "split_lora"]
+__all__ = ["AdaptedModel", "LossFn", "PeftClientTrainer", "split_lora", "training_mode"]
 
 GLOBAL_ADAPTER = "default"  # PEFT saves the "default" adapter at the top of the directory
+MAX_ADAPTERS = 16  # rank layouts kept at once (split planners give each client its own)
 
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
@@ -108,6 +109,7 @@ class AdaptedModel:
             initial=self.read(GLOBAL_ADAPTER),
         )
         self._adapters: dict[tuple[tuple[str, int], ...], str] = {}
+        self._created = 0
 
     # ----------------------------------------------------------------- introspection
     @staticmethod
@@ -134,6 +136,17 @@ class AdaptedModel:
         out.update(self._dense_params(adapter))
         return out
 
+    def parameters_of(self, adapter: str, keys: Iterable[str]) -> dict[str, torch.nn.Parameter]:
+        """The live parameters of ``adapter`` under their wire names ``keys``."""
+        params = self._params(adapter)
+        return {k: params[k] for k in keys}
+
+    def adapted_weights(self) -> dict[str, torch.Tensor]:
+        """Module name -> the frozen base weight under its LoRA layer (as stored: GPT-2's
+        Conv1D keeps it transposed)."""
+        return {name: cast(torch.Tensor, layer.get_base_layer().weight)
+                for name, layer in self._lora_layers.items()}
+
     @property
     def num_base_params(self) -> int:
         """Values in the frozen base model (adapters excluded)."""
@@ -147,7 +160,12 @@ class AdaptedModel:
         """The PEFT adapter holding ``ranks`` (module -> rank), created on first use."""
         key = tuple(sorted(ranks.items()))
         if key in self._adapters:
+            self._adapters[key] = self._adapters.pop(key)  # most recently used last
             return self._adapters[key]
+        if len(self._adapters) >= MAX_ADAPTERS:  # drop the least recently used layout
+            oldest = next(iter(self._adapters))
+            self.peft.delete_adapter(self._adapters.pop(oldest))
+            self.activate(GLOBAL_ADAPTER)
         unknown = set(ranks) - set(self._lora_layers)
         if unknown:
             raise KeyError(f"ranks name modules that are not adapted: {sorted(unknown)[:3]}")
@@ -156,7 +174,8 @@ class AdaptedModel:
             raise ValueError("adapter ranks must be positive")
         default = max(distinct, key=list(ranks.values()).count)
         rank_pattern = {f"^{re.escape(m)}$": r for m, r in ranks.items() if r != default}
-        name = f"r{default}" + (f"_p{len(self._adapters)}" if rank_pattern else "")
+        self._created += 1
+        name = f"r{default}_{self._created}"  # unique: an evicted layout's name is not reused
         # Modules absent from `ranks` still get an adapter of the default rank; callers that
         # load a payload only train the modules the payload names.
         config = LoraConfig(
@@ -287,7 +306,7 @@ class AdaptedModel:
         else:
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         losses: list[float] = []
-        with _training(self.peft):
+        with training_mode(self.peft):
             for step, batch in enumerate(batches):
                 loss = loss_fn(self.peft, batch)
                 loss.backward()
@@ -304,7 +323,8 @@ class AdaptedModel:
 
 
 @contextlib.contextmanager
-def _training(model: torch.nn.Module) -> Iterator[None]:
+def training_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model.train()`` inside the block, the previous mode restored after it."""
     was_training = model.training
     model.train()
     try:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lorafleet.algorithms.base import Batch, ClientInfo, ClientResult, Payload, ServerState
 from lorafleet.checkpoint import load_checkpoint, save_checkpoint
-from lorafleet.config import ExperimentConfig
+from lorafleet.config import DeviceProfile, ExperimentConfig
 from lorafleet.data.partition import render_partition_table
 from lorafleet.errors import LorafleetError, UpdateRejected
 from lorafleet.experiment import (
@@ -37,6 +37,7 @@ from lorafleet.experiment import (
 )
 from lorafleet.metrics import CommLedger, SimulatedClock, tensor_bytes, train_flops
 from lorafleet.models.adapters import PeftClientTrainer
+from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.validation import validate_update
 
@@ -215,7 +216,7 @@ def run_local(
     with _Progress(console, cfg.rounds, progress) as bars:
         bars.bar.update(bars.rounds, completed=start - 1)
         for rnd in range(start, cfg.rounds + 1):
-            sampled = sample_clients(cfg.seed, rnd, cfg.num_clients, tc.clients_per_round)
+            sampled = sample_clients(cfg.seed, rnd, len(exp.clients), tc.clients_per_round)
             bars.start_round(rnd, len(sampled))
             accepted: list[tuple[ClientInfo, Payload, ClientResult]] = []
             rejected: list[dict[str, Any]] = []
@@ -233,13 +234,23 @@ def run_local(
                 tokens = [0]
                 batches = _counted(client_batches(
                     exp.task, exp.train_items, exp.parts[cid], batch_size=tc.batch_size,
-                    steps=tc.local_steps, seed=derive_seed(cfg.seed, "batches", rnd, cid),
+                    steps=exp.steps_per_round, seed=derive_seed(cfg.seed, "batches", rnd, cid),
                 ), tokens)
-                trainer = PeftClientTrainer(
-                    exp.model, exp.task.loss, lr=tc.lr, optimizer=tc.optimizer,
-                    weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
-                    on_step=functools.partial(bars.step, rnd, client, steps=tc.local_steps),
-                )
+                on_step = functools.partial(bars.step, rnd, client, steps=exp.steps_per_round)
+                trainer: PeftClientTrainer | SplitClientTrainer
+                if algo.split_learning:
+                    trainer = SplitClientTrainer(
+                        exp.model, exp.task.loss, split_point=int(payload.config["split_point"]),
+                        labels=cfg.split.labels,
+                        probe_importance=bool(payload.config.get("probe_importance", False)),
+                        lr=tc.lr, optimizer=tc.optimizer, weight_decay=tc.weight_decay,
+                        grad_clip=tc.grad_clip, on_step=on_step,
+                    )
+                else:
+                    trainer = PeftClientTrainer(
+                        exp.model, exp.task.loss, lr=tc.lr, optimizer=tc.optimizer,
+                        weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, on_step=on_step,
+                    )
                 torch.manual_seed(derive_seed(cfg.seed, "train", rnd, cid))
                 try:
                     result = algo.client_update(trainer, payload, batches)
@@ -254,6 +265,8 @@ def run_local(
                 result.num_examples = client.num_examples
                 down, up = payload.nbytes(), tensor_bytes(result.tensors)
                 ledger.record(rnd, cid, down, up)
+                if isinstance(trainer, SplitClientTrainer):
+                    ledger.record_activations(rnd, cid, trainer.stats.nbytes)
                 try:
                     validate_update(cid, result.tensors, algo.expected_update_shapes(payload))
                 except UpdateRejected as err:
@@ -261,9 +274,13 @@ def run_local(
                     rejected.append({"client": cid, "reason": err.reason})
                     bars.client_done()
                     continue
-                trainable = sum(v.numel() for v in payload.tensors.values())
-                flops = train_flops(n_base, tokens[0], trainable)
-                times.append(clock.client_time(profile, flops, down, up))
+                if isinstance(trainer, SplitClientTrainer):
+                    times.append(_split_client_time(exp, clock, profile, payload, trainer,
+                                                    down, up))
+                else:
+                    trainable = sum(v.numel() for v in payload.tensors.values())
+                    flops = train_flops(n_base, tokens[0], trainable)
+                    times.append(clock.client_time(profile, flops, down, up))
                 losses.append(result.metrics.get("loss", float("nan")))
                 # Keep what aggregate reads, not the payload's tensors: memory must not grow
                 # with the number of clients in a round (benchmarks/memory.py).
@@ -291,6 +308,9 @@ def run_local(
                 "bytes_up_total": up_t, "bytes_down_total": down_t,
                 "sim_seconds": sim, "sim_seconds_total": clock.elapsed,
             }
+            if algo.split_learning:
+                row["bytes_activations"] = ledger.activation_bytes(rnd)
+                row["bytes_activations_total"] = ledger.activation_bytes()
             if rnd % tc.eval_every == 0 or rnd == cfg.rounds:
                 row.update(evaluate_global(exp, state))
             row["wall_seconds"] = wall()
@@ -306,6 +326,21 @@ def run_local(
 
     summary = _finish(exp, run, state, rows, ledger, clock, wall())
     return RunResult(summary=summary, metrics=rows)
+
+
+def _split_client_time(exp: Experiment, clock: SimulatedClock, profile: DeviceProfile,
+                       payload: Payload, trainer: SplitClientTrainer, down: int, up: int
+                       ) -> float:
+    """Simulated seconds of a split client's round: its device compute, the adapters and
+    every step's activations over its links, and the main server's compute for it."""
+    assert exp.split is not None
+    device = server = 0.0
+    for batch, seq in trainer.stats.shapes:
+        d, s = exp.split.step_flops(trainer.split_point, payload.ranks, batch, seq)
+        device, server = device + d, server + s
+    stats = trainer.stats
+    seconds = clock.client_time(profile, device, down + stats.bytes_down, up + stats.bytes_up)
+    return seconds + server / (exp.cfg.split.server_tflops * 1e12)
 
 
 def export_run(run_dir: Path, out: Path, *, merged: bool = False) -> Path:
@@ -354,6 +389,21 @@ def _finish(
     best = max(values) if task.higher_is_better else min(values)
     base = next((float(r[metric]) for r in rows if r["round"] == 0 and metric in r), None)
     down, up = ledger.totals()
+    clients: dict[str, dict[str, Any]] = {
+        str(c.id): {"rank": c.rank, "examples": c.num_examples, "profile": exp.profiles[c.id].name}
+        for c in exp.clients
+    }
+    split = exp.split
+    if split is not None:
+        for c in exp.clients:
+            s, ranks = algo.client_layout(state, c)  # type: ignore[attr-defined]
+            clients[str(c.id)].update({
+                "split_point": s,
+                "ranks": ranks,
+                "memory_budget_bytes": int(split.budgets_bytes[c.id]),
+                "memory_estimate_bytes": split.memory_bytes(s, {m: r for m, r in ranks.items()
+                                                               if r > 0}),
+            })
     summary = {
         "name": cfg.name,
         "algorithm": cfg.algorithm,
@@ -373,12 +423,11 @@ def _finish(
         "lora_alpha": cfg.lora.alpha,
         "modules": {k: list(v) for k, v in exp.model.spec.modules.items()},
         "dense_params": exp.model.spec.dense_values(),
-        "clients": {
-            str(c.id): {"rank": c.rank, "examples": c.num_examples,
-                        "profile": exp.profiles[c.id].name}
-            for c in exp.clients
-        },
+        "clients": clients,
         "output": "merged" if algo.merges_into_base else "adapter",
     }
+    if split is not None:
+        summary.update({"bytes_activations": ledger.activation_bytes(),
+                        "split_labels": cfg.split.labels, "num_layers": split.dims.num_layers})
     run.write_json("summary.json", summary)
     return summary
