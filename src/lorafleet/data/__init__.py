@@ -10,9 +10,12 @@ from lorafleet.data.tasks import (
     CausalLMTask,
     ClassificationTask,
     Encoded,
+    GenerationTask,
     GenerativeClassificationTask,
     Task,
+    bleu,
     make_task,
+    rouge_l,
 )
 
 __all__ = [
@@ -20,13 +23,16 @@ __all__ = [
     "ClassificationTask",
     "Encoded",
     "Example",
+    "GenerationTask",
     "GenerativeClassificationTask",
     "Task",
     "TextDataset",
+    "bleu",
     "load_text_dataset",
     "make_task",
     "partition_indices",
     "partition_summary",
     "render_partition_table",
+    "rouge_l",
     "train_eval_split",
 ]

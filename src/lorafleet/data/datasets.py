@@ -1,7 +1,8 @@
 """Text datasets: the embedded defaults (DESIGN section 5) and any `datasets` source.
 
-Every source becomes one :class:`TextDataset`: a list of ``(text, label id)`` examples and
-the label names (empty for unlabeled text). Loading is deterministic in the seed.
+Every source becomes one :class:`TextDataset`: a list of ``(text, label id, target)``
+examples and the label names (empty for unlabeled text); ``target`` is the reference output
+of a generation task (``None`` when the source has none). Loading is deterministic in the seed.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ _CHUNK_MAX_CHARS = 600
 
 @dataclass(frozen=True)
 class Example:
-    """One text and its class id (``None`` for unlabeled text)."""
+    """One text, its class id (``None`` for unlabeled text) and its generation target."""
 
     text: str
     label: int | None = None
+    target: str | None = None
 
 
 @dataclass
@@ -56,6 +58,11 @@ class TextDataset:
     def labeled(self) -> bool:
         """Whether examples carry class ids."""
         return bool(self.label_names)
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether every example carries a generation target."""
+        return bool(self.examples) and all(e.target is not None for e in self.examples)
 
     def labels(self) -> list[int] | None:
         """The class id of every example, or ``None`` for unlabeled data."""
@@ -90,10 +97,26 @@ def _read_text(path: Path) -> str:
         return data.decode("latin-1")
 
 
-def _load_bbc_news() -> tuple[list[Example], list[str]]:
-    root = package_dir(get_asset("bbc-news")) / "bbcnews" / "data"
+def _bbc_articles(asset: str) -> list[tuple[str, str]]:
+    """``(article, topic)`` for every BBC file, in path order, exact duplicates dropped."""
+    root = package_dir(get_asset(asset)) / "bbcnews" / "data"
     pairs = [(_read_text(path).strip(), path.parent.name) for path in sorted(root.glob("*/*.txt"))]
-    return _labeled(_dedupe([(t, lab) for t, lab in pairs if t]))
+    return _dedupe([(t, lab) for t, lab in pairs if t])
+
+
+def _load_bbc_news() -> tuple[list[Example], list[str]]:
+    return _labeled(_bbc_articles("bbc-news"))
+
+
+def _load_bbc_headlines() -> tuple[list[Example], list[str]]:
+    # Each file's first line is the headline; the body follows after a blank line.
+    examples, names = _labeled(_bbc_articles("bbc-headlines"))
+    out = []
+    for example in examples:
+        headline, _, body = example.text.partition("\n")
+        if headline.strip() and body.strip():
+            out.append(Example(body.strip(), example.label, headline.strip()))
+    return out, names
 
 
 def _load_rotten_tomatoes() -> tuple[list[Example], list[str]]:
@@ -148,11 +171,32 @@ def _load_dialogue() -> tuple[list[Example], list[str]]:
     return _labeled(_dedupe(pairs))
 
 
+def _load_dialogue_pairs() -> tuple[list[Example], list[str]]:
+    # ChatterBot reads a conversation [t0, t1, t2, ...] as statement -> response pairs
+    # (t0 -> t1, t1 -> t2, ...); each becomes prompt -> target, labeled by topic.
+    root = package_dir(get_asset("dialogue-pairs")) / "data" / "english"
+    rows: list[tuple[str, str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for path in sorted(root.glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for turns in doc.get("conversations") or []:
+            said = [str(t).strip() for t in turns if t is not None and str(t).strip()]
+            for prompt, response in zip(said, said[1:], strict=False):
+                if (prompt, response) not in seen:
+                    seen.add((prompt, response))
+                    rows.append((prompt, path.stem, response))
+    examples, names = _labeled([(prompt, topic) for prompt, topic, _ in rows])
+    targets = [response for _, _, response in rows]
+    return [Example(e.text, e.label, t) for e, t in zip(examples, targets, strict=True)], names
+
+
 EMBEDDED_DATASETS: dict[str, Callable[[], tuple[list[Example], list[str]]]] = {
     "bbc-news": _load_bbc_news,
+    "bbc-headlines": _load_bbc_headlines,
     "rotten-tomatoes": _load_rotten_tomatoes,
     "hamlet": _load_hamlet,
     "dialogue": _load_dialogue,
+    "dialogue-pairs": _load_dialogue_pairs,
 }
 
 
@@ -223,6 +267,23 @@ def _sort_key(value: Any) -> tuple[int, Any]:
         return (1, text)
 
 
+def _present(value: Any) -> bool:
+    return value is not None and str(value).strip() != ""
+
+
+def _targets(ds: Any, cfg: DataConfig, columns: list[str]) -> list[str | None] | None:
+    """The ``data.target_field`` column as strings (``None`` per empty cell), or ``None``."""
+    if cfg.target_field not in columns:
+        # Like the label column: a missing target column means no targets, unless asked.
+        if cfg.target_field != DataConfig.model_fields["target_field"].default:
+            raise ConfigError(
+                "data.target_field",
+                f"column '{cfg.target_field}' not found (columns: {', '.join(columns)})",
+            )
+        return None
+    return [str(t).strip() if _present(t) else None for t in ds[cfg.target_field]]
+
+
 def _from_hf(ds: Any, cfg: DataConfig) -> tuple[list[Example], list[str]]:
     import datasets
 
@@ -233,6 +294,14 @@ def _from_hf(ds: Any, cfg: DataConfig) -> tuple[list[Example], list[str]]:
             f"column '{cfg.text_field}' not found (columns: {', '.join(columns)})",
         )
     texts = ds[cfg.text_field]
+    targets = _targets(ds, cfg, columns)
+    # Rows with an empty target are dropped when the source has targets, as rows with an
+    # empty label are when it has labels.
+    keep = [
+        _present(t) and (targets is None or targets[i] is not None)
+        for i, t in enumerate(texts)
+    ]
+    target_of: list[str | None] = targets if targets is not None else [None] * len(texts)
     if cfg.label_field not in columns:
         # A missing label column means unlabeled text, unless the user asked for it.
         if "label_field" in cfg.model_fields_set:
@@ -240,7 +309,10 @@ def _from_hf(ds: Any, cfg: DataConfig) -> tuple[list[Example], list[str]]:
                 "data.label_field",
                 f"column '{cfg.label_field}' not found (columns: {', '.join(columns)})",
             )
-        return [Example(str(t)) for t in texts if t is not None and str(t).strip()], []
+        examples = [
+            Example(str(t), None, target_of[i]) for i, t in enumerate(texts) if keep[i]
+        ]
+        return examples, []
 
     raw = ds[cfg.label_field]
     feature = ds.features.get(cfg.label_field)
@@ -248,32 +320,35 @@ def _from_hf(ds: Any, cfg: DataConfig) -> tuple[list[Example], list[str]]:
         # Keep the dataset's own ids and names; -1 marks an unlabeled row.
         names = [str(n) for n in feature.names]
         examples = [
-            Example(str(t), int(y))
-            for t, y in zip(texts, raw, strict=True)
-            if t is not None and str(t).strip() and y is not None and 0 <= int(y) < len(names)
+            Example(str(t), int(y), target_of[i])
+            for i, (t, y) in enumerate(zip(texts, raw, strict=True))
+            if keep[i] and y is not None and 0 <= int(y) < len(names)
         ]
         return examples, names
     rows = [
-        (str(t), y)
-        for t, y in zip(texts, raw, strict=True)
-        if t is not None and str(t).strip() and y is not None and str(y) != ""
+        (str(t), y, target_of[i])
+        for i, (t, y) in enumerate(zip(texts, raw, strict=True))
+        if keep[i] and y is not None and str(y) != ""
     ]
-    values = sorted({y for _, y in rows}, key=_sort_key)
+    values = sorted({y for _, y, _ in rows}, key=_sort_key)
     index = {v: i for i, v in enumerate(values)}
-    return [Example(t, index[y]) for t, y in rows], [str(v) for v in values]
+    return [Example(t, index[y], target) for t, y, target in rows], [str(v) for v in values]
 
 
 def load_text_dataset(cfg: DataConfig, seed: int) -> TextDataset:
     """Load ``data.dataset`` as a :class:`TextDataset`.
 
-    Embedded: ``bbc-news`` (5 topics, exact duplicates dropped), ``rotten-tomatoes``
+    Embedded: ``bbc-news`` (5 topics, exact duplicates dropped), ``bbc-headlines`` (the
+    same articles: body -> target its headline, the file's first line), ``rotten-tomatoes``
     (fresh / rotten review snippets), ``hamlet`` (unlabeled ~500-character chunks),
-    ``dialogue`` (ChatterBot conversations labeled by topic). Otherwise a local
+    ``dialogue`` (ChatterBot conversations labeled by topic), ``dialogue-pairs`` (their
+    statement -> response pairs as text -> target). Otherwise a local
     .csv/.json/.jsonl/.parquet file, a dir saved with ``save_to_disk``, or a hub name
-    (split ``data.split``), reading columns ``data.text_field`` and ``data.label_field``.
-    String or numeric labels become ids into their sorted names; a ``ClassLabel`` keeps its
-    own names; no label column means unlabeled text. ``data.max_examples`` keeps a seeded
-    random subset (in the source's order).
+    (split ``data.split``), reading columns ``data.text_field``, ``data.label_field`` and
+    ``data.target_field``. String or numeric labels become ids into their sorted names; a
+    ``ClassLabel`` keeps its own names; no label column means unlabeled text, no target
+    column no targets. ``data.max_examples`` keeps a seeded random subset (in the source's
+    order).
 
     Raises:
         ConfigError: missing file or column, unknown dataset, or no examples.

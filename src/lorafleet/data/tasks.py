@@ -1,12 +1,18 @@
 """Tasks: what a batch is, what the loss is, and what the metric is.
 
 A task pre-tokenises examples once (:meth:`Task.encode`), pads them into batches
-(:meth:`Task.collate`), computes the training loss and evaluates a model. Three kinds:
+(:meth:`Task.collate`), computes the training loss and evaluates a model. Four kinds:
 
 - ``classification``: a sequence-classification head; cross-entropy; accuracy.
 - ``generative-classification``: a causal LM answers the label word after a prompt; the loss
   covers only the answer tokens; accuracy is exact match of greedy decoding.
 - ``causal-lm``: next-token loss on all tokens; perplexity = exp(mean token NLL).
+- ``generation``: a causal LM writes each example's target after a prompt; the loss covers
+  only the target tokens; ROUGE-L (with BLEU and target perplexity) of greedy decoding.
+
+Causal-LM tasks reach the model only through ``model(input_ids=..., attention_mask=...)``
+(an object with ``.logits``) and ``model.parameters()``, so a split-learning wrapper that
+provides just those can stand in for a transformers model.
 """
 
 from __future__ import annotations
@@ -32,14 +38,19 @@ __all__ = [
     "CausalLMTask",
     "ClassificationTask",
     "Encoded",
+    "GenerationTask",
     "GenerativeClassificationTask",
     "Task",
+    "bleu",
     "first_word",
+    "greedy_decode",
     "label_word",
     "make_task",
+    "rouge_l",
 ]
 
 IGNORE_INDEX = -100  # label of positions the loss skips (PyTorch's cross_entropy default)
+_MAX_EXP = 700.0  # math.exp overflows a float just above 709
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,103 @@ def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
         reduction="sum",
     )
     return nll, (shift_labels != IGNORE_INDEX).sum()
+
+
+def greedy_decode(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    device: torch.device,
+) -> list[list[int]]:
+    """Greedy continuation of each (non-empty) prompt, up to ``max_new_tokens`` or eos.
+
+    Uses only ``model(input_ids=..., attention_mask=...).logits``. Right-padded, no KV
+    cache: every step runs the whole batch (B, T) and reads each row's logits at its own
+    last real token, then writes the new token just after it. Real tokens never attend to
+    the padding after them, so no row sees another's padding and positions stay 0..len-1
+    (as in training). A row's output ends with eos when it produced one.
+    """
+    rows = len(prompts)
+    if rows == 0:
+        return []
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max()) + max_new_tokens
+    ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((rows, width), dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+        mask[r, : len(p)] = 1
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    arange = torch.arange(rows, device=device)
+    for _ in range(max_new_tokens):
+        upto = int(lengths.max())
+        logits = model(input_ids=ids[:, :upto], attention_mask=mask[:, :upto]).logits
+        next_ids = logits[arange, lengths - 1].argmax(-1)
+        live = ~done
+        ids[arange[live], lengths[live]] = next_ids[live]
+        mask[arange[live], lengths[live]] = 1
+        for r in arange[live].tolist():
+            generated[r].append(int(next_ids[r]))
+        lengths = lengths + live.long()
+        done = done | (next_ids == eos_id)
+        if bool(done.all()):
+            break
+    return generated
+
+
+def _prompt_length(item: Encoded) -> int:
+    """Leading positions the loss ignores: the prompt of a prompt + answer example."""
+    assert isinstance(item.labels, list)
+    n = 0
+    while n < len(item.labels) and item.labels[n] == IGNORE_INDEX:
+        n += 1
+    return n
+
+
+def _template_parts(template: str, field: str, example: str) -> tuple[str, str]:
+    """``(prefix, suffix)`` around the one ``{text}`` of a prompt template, unescaped."""
+    if template.count("{text}") != 1:
+        raise ConfigError(field, f"must contain {{text}} exactly once, e.g. '{example}'")
+    prefix, suffix = template.split("{text}")
+    # The template is a format string: unescape doubled braces as .format would.
+    return (
+        prefix.replace("{{", "{").replace("}}", "}"),
+        suffix.replace("{{", "{").replace("}}", "}"),
+    )
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure of each prediction against its reference, in [0, 1].
+
+    ``rouge-score``'s ``RougeScorer(["rougeL"], use_stemmer=True)``: F of the longest
+    common subsequence of lowercased alphanumeric, Porter-stemmed tokens.
+    """
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("rouge_l needs at least one prediction")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [
+        scorer.score(ref, pred)["rougeL"].fmeasure
+        for pred, ref in zip(predictions, references, strict=True)
+    ]
+    return float(sum(scores) / len(scores))
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (``sacrebleu.corpus_bleu``, one reference each, 13a tokens), in [0, 100]."""
+    import sacrebleu
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("bleu needs at least one prediction")
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
 
 
 class Task(ABC):
@@ -258,14 +366,11 @@ class GenerativeClassificationTask(Task):
         if tokenizer.eos_token_id is None:
             raise ValueError("generative classification needs a tokenizer with an eos token")
         self.eos_id = int(tokenizer.eos_token_id)
-        if prompt_template.count("{text}") != 1:
-            raise ConfigError(
-                "task.prompt_template", "must contain {text} exactly once, e.g. '{text}\\nTopic:'"
-            )
-        prefix, suffix = prompt_template.split("{text}")
-        # The template is a format string: unescape doubled braces as .format would.
-        self.prefix_ids = _bos(tokenizer) + self._ids(prefix.replace("{{", "{").replace("}}", "}"))
-        self.suffix_ids = self._ids(suffix.replace("{{", "{").replace("}}", "}"))
+        prefix, suffix = _template_parts(
+            prompt_template, "task.prompt_template", "{text}\\nTopic:"
+        )
+        self.prefix_ids = _bos(tokenizer) + self._ids(prefix)
+        self.suffix_ids = self._ids(suffix)
         self.words = [label_word(n) for n in self.label_names]
         if len(set(self.words)) != len(self.words):
             raise ConfigError("task.kind", f"label words are not distinct: {', '.join(self.words)}")
@@ -316,49 +421,11 @@ class GenerativeClassificationTask(Task):
         nll, count = _token_nll(out.logits, batch["labels"])
         return nll / count.clamp(min=1)
 
-    @staticmethod
-    def _prompt_length(item: Encoded) -> int:
-        assert isinstance(item.labels, list)
-        n = 0
-        while n < len(item.labels) and item.labels[n] == IGNORE_INDEX:
-            n += 1
-        return n
-
     def _greedy(
         self, model: torch.nn.Module, prompts: list[list[int]], device: torch.device
     ) -> list[list[int]]:
-        """Greedy continuation of each prompt, up to ``max_answer`` tokens or eos.
-
-        Right-padded, no KV cache: every step runs the whole batch and reads each row's
-        logits at its own last real token, then writes the new token just after it. Real
-        tokens never attend to the padding after them, so no row sees another's padding
-        and positions stay 0..len-1 (as in training).
-        """
-        rows = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        width = int(lengths.max()) + self.max_answer
-        ids = torch.full((rows, width), self.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((rows, width), dtype=torch.long, device=device)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-            mask[r, : len(p)] = 1
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        arange = torch.arange(rows, device=device)
-        for _ in range(self.max_answer):
-            upto = int(lengths.max())
-            logits = model(input_ids=ids[:, :upto], attention_mask=mask[:, :upto]).logits
-            next_ids = logits[arange, lengths - 1].argmax(-1)
-            live = ~done
-            ids[arange[live], lengths[live]] = next_ids[live]
-            mask[arange[live], lengths[live]] = 1
-            for r in arange[live].tolist():
-                generated[r].append(int(next_ids[r]))
-            lengths = lengths + live.long()
-            done = done | (next_ids == self.eos_id)
-            if bool(done.all()):
-                break
-        return generated
+        """Greedy continuation of each prompt, up to ``max_answer`` tokens or eos."""
+        return greedy_decode(model, prompts, self.max_answer, self.eos_id, self.pad_id, device)
 
     def evaluate(
         self, model: torch.nn.Module, items: list[Encoded], batch_size: int
@@ -375,7 +442,7 @@ class GenerativeClassificationTask(Task):
                 nll, count = _token_nll(out.logits, batch["labels"])
                 total_nll += float(nll)
                 total_tokens += int(count)
-                lengths = [self._prompt_length(it) for it in chunk]
+                lengths = [_prompt_length(it) for it in chunk]
                 prompts = [it.input_ids[:n] for it, n in zip(chunk, lengths, strict=True)]
                 answers = self._greedy(model, prompts, device)
                 for it, n, answer in zip(chunk, lengths, answers, strict=True):
@@ -386,6 +453,145 @@ class GenerativeClassificationTask(Task):
                     correct += int(predicted == expected)
         loss = total_nll / max(total_tokens, 1)
         return {self.metric: correct / len(items), "eval_loss": loss}
+
+
+class GenerationTask(Task):
+    """A causal LM writes each example's target text after a prompt.
+
+    Each example becomes ``prompt + " " + target + eos`` where ``prompt`` is
+    ``task.generation_prompt`` with the text; the text (never the target) is truncated so
+    the whole sequence fits ``max_length``, and the loss covers only the target tokens.
+    Evaluation decodes greedily (up to ``max_new_tokens`` or eos) and scores ROUGE-L
+    against the target; it also reports corpus BLEU and the target tokens' perplexity.
+    """
+
+    kind = "generation"
+    metric = "rougeL"
+    higher_is_better = True
+    model_head = "causal-lm"
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        prompt_template: str,
+        max_new_tokens: int,
+        label_names: Sequence[str] = (),
+        dataset: str = "",
+    ) -> None:
+        super().__init__(tokenizer, max_length, label_names)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("generation needs a tokenizer with an eos token")
+        if max_new_tokens <= 0:
+            raise ConfigError("task.max_new_tokens", f"must be positive, got {max_new_tokens}")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.max_new_tokens = max_new_tokens
+        self.dataset = dataset
+        prefix, suffix = _template_parts(
+            prompt_template, "task.generation_prompt", "{text}\\nHeadline:"
+        )
+        self.prefix_ids = _bos(tokenizer) + self._ids(prefix)
+        self.suffix_ids = self._ids(suffix)
+        # Room for text + target; the target keeps at most room - 1 tokens so that the
+        # prompt is never empty (greedy decoding continues from its last token).
+        self.room = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.room < 2:
+            raise ConfigError(
+                "data.max_length",
+                f"{max_length} tokens leave no room for a target with this generation prompt "
+                f"(allowed: >= {max_length - self.room + 2})",
+            )
+
+    def _ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+
+    def _batch_ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def encode(self, examples: list[Example]) -> list[Encoded]:
+        """``prompt + target`` ids; ``labels`` are -100 on the prompt, the target ids after.
+
+        The target is ``" " + target`` then eos; only a target longer than the whole room
+        (``max_length`` less the template) is cut, keeping its start.
+
+        Raises:
+            ConfigError: an example has no target.
+        """
+        missing = sum(e.target is None for e in examples)
+        if missing:
+            raise ConfigError(
+                "task.kind",
+                f"'generation' needs a target for every example, but {missing} of "
+                f"{len(examples)} in dataset '{self.dataset}' have none (allowed: embedded "
+                "bbc-headlines or dialogue-pairs, or a file or `datasets` source whose "
+                "data.target_field column holds the targets)",
+            )
+        text_ids = self._batch_ids([e.text for e in examples])
+        target_ids = self._batch_ids([" " + (e.target or "").strip() for e in examples])
+        out = []
+        for text, target in zip(text_ids, target_ids, strict=True):
+            answer = (target + [self.eos_id])[: self.room - 1]
+            budget = self.room - len(answer)
+            prompt = self.prefix_ids + text[:budget] + self.suffix_ids
+            out.append(Encoded(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+        return out
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token NLL over the target tokens only."""
+        batch = _to(batch, _model_device(model))
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        nll, count = _token_nll(out.logits, batch["labels"])
+        return nll / count.clamp(min=1)
+
+    def predict(
+        self, model: torch.nn.Module, items: list[Encoded], batch_size: int
+    ) -> list[tuple[str, str]]:
+        """``(greedy prediction, reference)`` texts for each item, decoded by the tokenizer."""
+        device = _model_device(model)
+        pairs: list[tuple[str, str]] = []
+        with _EvalMode(model):
+            for chunk in _chunks(items, batch_size):
+                lengths = [_prompt_length(it) for it in chunk]
+                prompts = [it.input_ids[:n] for it, n in zip(chunk, lengths, strict=True)]
+                outputs = greedy_decode(
+                    model, prompts, self.max_new_tokens, self.eos_id, self.pad_id, device
+                )
+                for it, n, output in zip(chunk, lengths, outputs, strict=True):
+                    assert isinstance(it.labels, list)
+                    pairs.append((self._decode(output), self._decode(it.labels[n:])))
+        return pairs
+
+    def evaluate(
+        self, model: torch.nn.Module, items: list[Encoded], batch_size: int
+    ) -> dict[str, float]:
+        """``rougeL`` (mean F, [0, 1]) and ``bleu`` ([0, 100]) of greedy predictions;
+        ``perplexity`` = exp(``eval_loss``), the mean NLL of the target tokens."""
+        if not items:
+            raise ValueError("evaluate needs at least one example")
+        device = _model_device(model)
+        total_nll, total_tokens = 0.0, 0
+        with _EvalMode(model):
+            for chunk in _chunks(items, batch_size):
+                batch = _to(self.collate(list(chunk)), device)
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                nll, count = _token_nll(out.logits, batch["labels"])
+                total_nll += float(nll)
+                total_tokens += int(count)
+        predictions, references = zip(*self.predict(model, items, batch_size), strict=True)
+        loss = total_nll / max(total_tokens, 1)
+        return {
+            self.metric: rouge_l(predictions, references),
+            "bleu": bleu(predictions, references),
+            "perplexity": math.exp(loss) if loss < _MAX_EXP else math.inf,
+            "eval_loss": loss,
+        }
 
 
 class CausalLMTask(Task):
@@ -442,10 +648,20 @@ def make_task(
 
     Raises:
         ConfigError: a labeled task on unlabeled data (or on fewer than 2 labels).
+            (``generation`` needs targets instead; its ``encode`` raises without them.)
     """
     kind = cfg.task.kind
     if kind == "causal-lm":
         return CausalLMTask(tokenizer, cfg.data.max_length, label_names)
+    if kind == "generation":
+        return GenerationTask(
+            tokenizer,
+            cfg.data.max_length,
+            cfg.task.generation_prompt,
+            cfg.task.max_new_tokens,
+            label_names,
+            dataset=cfg.data.dataset,
+        )
     if not label_names:
         raise ConfigError(
             "task.kind",
