@@ -297,10 +297,11 @@ class HSplitLoRA(_SplitFamily, FLoRA):
 
     Per round each client gets fresh adapters (A seeded, B = 0) at its own ranks per module
     (rank 0: no adapter; device layers from Q by the planner, the server's per-client
-    adapters of layers >= s at ``lora.rank``), scaling alpha / r per module; its payload asks the trainer to probe
-    importance on its first step. ``aggregate`` stacks, per module, every client that adapted
-    it: W0 ← W0 + Σ_k p_k s_k B_k A_k (p_k over the round's clients), folds the clients'
-    importance scores (p-weighted means) into the tracker with round t as the step, and
+    adapters of layers >= s at ``lora.rank``), scaling alpha / r per module; its payload
+    asks the trainer to probe importance on its first step. ``aggregate`` stacks, per
+    module, every client that adapted it: W0 ← W0 + Σ_k p_k s_k B_k A_k (p_k over the
+    round's clients), folds the clients' importance scores (p-weighted means) into the
+    tracker with round t as the step, and
     re-plans every client when the normalised importance moved past ``replan_threshold``.
 
     Options (from ``hsplitlora:``): ``importance``, ``adaptive``, ``replan_threshold``,

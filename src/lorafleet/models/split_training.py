@@ -151,6 +151,10 @@ class SplitClientTrainer:
         layer = module_layer(module) if which is not None else None
         return layer is not None and layer < self.split_point
 
+    def device_side(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+        """The tensors of ``tensors`` that live on the device (LoRA factors of layers < s)."""
+        return {k: v for k, v in tensors.items() if self._on_device(k)}
+
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
         if not params:
             return None

@@ -161,6 +161,11 @@ def run_local(
     if cfg is None:
         raise LorafleetError(f"nothing to resume in {out}; give a CONFIG to start a new run")
     check_config(cfg)
+    if ckpt is None and not resume and run.holds_run():
+        run.prepare_new(cfg)  # refuses, before the slow build
+    t_start = time.perf_counter()
+    # Build first: a config the model or fleet refuses leaves no half-started run behind.
+    exp = build_experiment(cfg)
     if ckpt is None:
         if resume and run.holds_run():
             # Killed before the first checkpoint: nothing finished, start over.
@@ -169,9 +174,6 @@ def run_local(
         run.prepare_new(cfg)
     else:
         run.config_path.write_text(cfg.to_yaml())
-
-    t_start = time.perf_counter()
-    exp = build_experiment(cfg)
     if progress:
         console.print(render_partition_table(exp.partition, exp.label_names))
     run.write_json("partition.json", exp.partition)
@@ -263,10 +265,16 @@ def run_local(
                     bars.client_done()
                     continue
                 result.num_examples = client.num_examples
-                down, up = payload.nbytes(), tensor_bytes(result.tensors)
-                ledger.record(rnd, cid, down, up)
                 if isinstance(trainer, SplitClientTrainer):
+                    # Only the device's adapters cross its link; the server's per-client
+                    # adapters stay with the (main and fed) server.
+                    down = tensor_bytes(trainer.device_side(payload.tensors)) + tensor_bytes(
+                        payload.extra)
+                    up = tensor_bytes(trainer.device_side(result.tensors))
                     ledger.record_activations(rnd, cid, trainer.stats.nbytes)
+                else:
+                    down, up = payload.nbytes(), tensor_bytes(result.tensors)
+                ledger.record(rnd, cid, down, up)
                 try:
                     validate_update(cid, result.tensors, algo.expected_update_shapes(payload))
                 except UpdateRejected as err:
