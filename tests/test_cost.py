@@ -35,13 +35,25 @@ def test_memory_terms_on_tiny_config() -> None:
     mem = device_memory_bytes(TINY, 1, ranks, batch=2, seq=3, dtype_bytes=2,
                               lora_dtype_bytes=4)
     assert mem.frozen_weights == 2 * (40 + 152) == 384
-    # 2·1·(N·60 + B·h·T²) + 4·N·R = 2·(360 + 36) + 72
+    # 2·(N·60 + B·h·T² + 2N·(q_dim − kv_dim) − N·d) + 4·N·R = 2·(360 + 36 + 24 − 24) + 72:
+    # eager GQA keeps k, v repeated to h heads; layer 0 keeps no copy of its frozen input
     assert mem.activations == 864
     assert mem.lora_params == mem.lora_grads == 4 * 28 == 112
     assert mem.optimizer_state == 2 * 112
     assert mem.total == 384 + 864 + 112 + 112 + 224 == 1696
-    sgd = device_memory_bytes(TINY, 1, ranks, 2, 3, 2, "sgd", eager_attention=False)
-    assert sgd.optimizer_state == 0 and sgd.activations == 2 * 360 + 72
+    sgd = device_memory_bytes(TINY, 1, ranks, 2, 3, 2, "sgd", eager_attention=False,
+                              padded=False)
+    assert sgd.optimizer_state == 0 and sgd.activations == 2 * (360 - 24) + 72
+    # SDPA keeps a padded batch's mask per layer (B·T²); one kv head repeats as a view
+    sdpa_padded = device_memory_bytes(TINY, 1, ranks, 2, 3, 2, eager_attention=False)
+    assert sdpa_padded.activations == 2 * (360 + 18 - 24) + 72
+    # with 2 kv heads of 4 (q_dim 8, kv_dim 4), the mask also makes transformers copy k, v
+    # to h heads: per layer 2·N·(8 - 4) = 48 more, and the mask B·T² = 18
+    gqa = ModelDims.llama(num_layers=2, hidden=8, intermediate=8, heads=4, vocab=10,
+                          kv_heads=2)
+    sdpa = {padded: device_memory_bytes(gqa, 2, {}, 2, 3, eager_attention=False,
+                                        padded=padded).activations for padded in (False, True)}
+    assert sdpa[True] - sdpa[False] == 4 * 2 * (48 + 18)
     # one unit of rank on q: 4·(8·(2 + 2) + N)
     assert lora_bytes_per_rank(TINY, "q", 2, 3) == 4 * (8 * 4 + 6)
     more = device_memory_bytes(TINY, 1, {**ranks, (0, "q"): 3}, 2, 3, 2)
@@ -105,9 +117,15 @@ def test_from_config_matches_real_parameter_counts_and_shapes() -> None:
             weight = layer.get_submodule(dims.modules[name]).weight
             shape = tuple(weight.shape) if dims.arch != "gpt2" else tuple(weight.shape)[::-1]
             assert shape == (m, n), (dims.arch, name)
-    assert ModelDims.from_config({"model_type": "gpt2", "n_layer": 12, "n_embd": 768,
-                                  "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
-                                 ).layer_params == 7_087_872
+    gpt2 = ModelDims.from_config({"model_type": "gpt2", "n_layer": 12, "n_embd": 768,
+                                  "n_head": 12, "vocab_size": 50257, "n_positions": 1024})
+    assert gpt2.layer_params == 7_087_872
+    # gelu_new (the default) keeps 3i more than a one-op GELU (tests/test_cost_measured.py)
+    assert gpt2.activations_per_token == 8 * 768 + 5 * 3072
+    exact_gelu = ModelDims.from_config({"model_type": "gpt2", "n_layer": 12, "n_embd": 768,
+                                        "n_head": 12, "vocab_size": 50257, "n_positions": 1024,
+                                        "activation_function": "gelu"})
+    assert exact_gelu.activations_per_token == 8 * 768 + 2 * 3072
 
 
 def test_errors_are_one_line_and_say_what_is_allowed() -> None:

@@ -7,9 +7,14 @@ Notation: L layers, d hidden, i intermediate, h heads, T = ``seq``, B = ``batch`
 N = B·T tokens, weights W: (m, n) = (out, in) (GPT-2's Conv1D stores (in, out); its
 logical shape is used), r_{l,W} the LoRA rank of W in layer l (0: no adapter).
 
-The model is an estimate to be checked against measured memory: it counts the tensors the
-layers' matmuls, attention and activation functions keep for backward, not elementwise-op
-internals (norm statistics, dropout masks), allocator slack, or transient gradient buffers.
+The model is an estimate checked against measured memory (``benchmarks/split_memory.py``,
+``tests/test_cost_measured.py``): it counts the tensors the layers' matmuls, attention and
+activation functions keep for backward in a float32 step with every device weight adapted,
+not norm statistics (one or two values per token per norm), SDPA's logsumexp (h per token),
+RoPE's cos/sin, dropout masks, allocator slack, or transient gradient buffers. A frozen
+matmul keeps its input only for its adapter, so a device layer with some weights unadapted
+keeps less than counted (an upper bound); under a bfloat16 base PEFT keeps a float32 copy of
+each adapted module's input, more than counted.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ class ModelDims:
     activations_per_token: int = field(
         metadata={"help": "Elements one layer saves for backward per token, excluding "
                   "attention scores and LoRA intermediates."})
+    first_layer_unsaved: int = field(
+        default=0,
+        metadata={"help": "Elements per token of ``activations_per_token`` that layer 0 does "
+                  "not save: its input comes from the frozen embeddings and needs no "
+                  "gradient, so a pre-norm keeps no copy of it (d for llama and gpt2)."})
 
     def __post_init__(self) -> None:
         sizes = {"num_layers": self.num_layers, "hidden": self.hidden,
@@ -89,6 +99,11 @@ class ModelDims:
         return m
 
     @property
+    def kv_dim(self) -> int:
+        """kv_heads · head_dim, the output size of k and v (= q_dim without GQA)."""
+        return self.kv_heads * self.head_dim
+
+    @property
     def layer_matmul_params(self) -> int:
         """Σ_W m·n over one layer's adaptable weights (the parameters its matmuls use)."""
         return sum(m * n for m, n in self.weights.values())
@@ -109,7 +124,8 @@ class ModelDims:
         embeddings V·d; extra per layer 2d (norms) + biases;
         activations per token 4d + 2·q_dim + 2·kv_dim + 4i: norm input and output before
         attention and before the MLP (4d), q and the attention output (2·q_dim), k and v
-        (2·kv_dim), gate, SiLU(gate), up and SiLU(gate)·up (4i).
+        (2·kv_dim), gate, SiLU(gate), up and SiLU(gate)·up (4i). Layer 0 does not keep its
+        input (d), the frozen embeddings' output.
         """
         kv = kv_heads or heads
         hd = head_dim or hidden // heads
@@ -125,20 +141,24 @@ class ModelDims:
         return cls(arch=arch, num_layers=num_layers, hidden=hidden, intermediate=intermediate,
                    heads=heads, kv_heads=kv, vocab=vocab, weights=weights, modules=modules,
                    embedding_params=vocab * hidden, layer_extra_params=extra,
-                   activations_per_token=4 * hidden + 2 * q_dim + 2 * kv_dim + 4 * intermediate)
+                   activations_per_token=4 * hidden + 2 * q_dim + 2 * kv_dim + 4 * intermediate,
+                   first_layer_unsaved=hidden)
 
     @classmethod
     def gpt2(cls, num_layers: int, hidden: int, heads: int, vocab: int, positions: int,
-             intermediate: int | None = None) -> ModelDims:
+             intermediate: int | None = None, activation: str = "gelu_new") -> ModelDims:
         """GPT-2 (pre-LayerNorm, fused c_attn, GELU MLP; i defaults to 4d).
 
         weights c_attn (3d, d), attn.c_proj (d, d), c_fc (i, d), mlp.c_proj (d, i);
         embeddings (V + positions)·d; extra per layer 9d + i (biases 3d + d + i + d, two
         LayerNorms 4d); activations per token 8d + 2i: ln_1 input and output (2d), q,k,v
         (3d), attention output (d), ln_2 input and output (2d), c_fc output and GELU output
-        (2i).
+        (2i); 8d + 5i under ``activation`` "gelu_new" (GPT-2's default), which transformers
+        computes elementwise, 0.5·x·(1 + tanh(...)), keeping also tanh(...), 0.5·x and
+        1 + tanh(...) (3i). Layer 0 does not keep its input (d), the frozen embeddings' output.
         """
         i = intermediate or 4 * hidden
+        gelu_elementwise = 3 * i if activation == "gelu_new" else 0
         weights = {"c_attn": (3 * hidden, hidden), "attn.c_proj": (hidden, hidden),
                    "c_fc": (i, hidden), "mlp.c_proj": (hidden, i)}
         modules = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc",
@@ -146,7 +166,9 @@ class ModelDims:
         return cls(arch="gpt2", num_layers=num_layers, hidden=hidden, intermediate=i,
                    heads=heads, kv_heads=heads, vocab=vocab, weights=weights, modules=modules,
                    embedding_params=(vocab + positions) * hidden,
-                   layer_extra_params=9 * hidden + i, activations_per_token=8 * hidden + 2 * i)
+                   layer_extra_params=9 * hidden + i,
+                   activations_per_token=8 * hidden + 2 * i + gelu_elementwise,
+                   first_layer_unsaved=hidden)
 
     @classmethod
     def bert(cls, num_layers: int, hidden: int, intermediate: int, heads: int, vocab: int,
@@ -201,7 +223,9 @@ class ModelDims:
         if kind == "gpt2":
             return cls.gpt2(num_layers=need("n_layer"), hidden=need("n_embd"),
                             heads=need("n_head"), vocab=need("vocab_size"),
-                            positions=need("n_positions"), intermediate=opt("n_inner"))
+                            positions=need("n_positions"), intermediate=opt("n_inner"),
+                            activation=str(_config_value(hf_config, "activation_function",
+                                                         "gelu_new")))
         if kind == "bert":
             return cls.bert(num_layers=need("num_hidden_layers"), hidden=need("hidden_size"),
                             intermediate=need("intermediate_size"),
@@ -294,6 +318,7 @@ def device_memory_bytes(
     *,
     lora_dtype_bytes: int = 4,
     eager_attention: bool = True,
+    padded: bool = True,
 ) -> MemoryBreakdown:
     """Bytes the device needs for one training step at split point s.
 
@@ -303,20 +328,27 @@ def device_memory_bytes(
     P_L = Σ_{l<s, W} r_{l,W}·(m_W + n_W):
 
         frozen_weights  = b · (embedding_params + s · layer_params)
-        activations     = b · s · (N · activations_per_token + [eager] B·h·T²) + b_L · N · R
+        activations     = b · (s · (N · activations_per_token + [eager] B·h·T²
+                                    + [SDPA, padded] B·T² + G) − [s ≥ 1] N · u) + b_L · N · R
         lora_params     = b_L · P_L
         lora_grads      = b_L · P_L
         optimizer_state = b_L · k · P_L          (k = 2 for Adam(W), 0 for SGD)
 
     B·h·T² is the softmax output eager attention keeps; SDPA/flash kernels keep only
-    O(B·h·T), so ``eager_attention=False`` drops the term. N·R counts the rank-sized x Aᵀ
-    each adapter saves for the gradient of B. Ranks of layers >= s (server side) cost the
-    device nothing and are ignored.
+    O(B·h·T), so ``eager_attention=False`` drops it. G = 2·N·(q_dim − kv_dim) is k and v
+    copied to h heads by ``repeat_kv`` under GQA: always with eager attention; under SDPA
+    only for a ``padded`` batch (transformers then passes a mask, which SDPA keeps per layer
+    as a float B·T² copy, instead of using SDPA's own GQA), and not for a single kv head,
+    which expands as a view. u = ``first_layer_unsaved``: layer 0's input needs no gradient.
+    N·R counts the rank-sized x Aᵀ each adapter saves for the gradient of B. Ranks of layers
+    >= s (server side) cost the device nothing and are ignored.
 
     Args:
         dims: the model's shapes. split_point: s in [0, L].
         ranks: r per (layer, weight); missing entries mean no adapter.
         batch: B. seq: T. dtype_bytes: b. optimizer: "adamw", "adam" or "sgd".
+        eager_attention: the model runs eager attention (else SDPA).
+        padded: some sequences of the batch are padded (an attention mask is passed).
     """
     _check_step(dims, split_point, ranks, batch, seq)
     k = optimizer_slots(optimizer)
@@ -324,10 +356,17 @@ def device_memory_bytes(
     device = _device_ranks(ranks, s)
     total_rank = sum(r for _, r in device)
     lora = sum(r * sum(dims.weights[w]) for w, r in device)
-    scores = batch * dims.heads * seq * seq if eager_attention else 0
+    if eager_attention:
+        scores = batch * dims.heads * seq * seq
+    else:
+        scores = batch * seq * seq if padded else 0  # SDPA's float copy of the mask
+    copies_kv = eager_attention or (padded and dims.kv_heads > 1)
+    repeated_kv = 2 * tokens * (dims.query_dim - dims.kv_dim) if copies_kv else 0
+    unsaved = tokens * dims.first_layer_unsaved if s >= 1 else 0
     return MemoryBreakdown(
         frozen_weights=dtype_bytes * (dims.embedding_params + s * dims.layer_params),
-        activations=dtype_bytes * s * (tokens * dims.activations_per_token + scores)
+        activations=dtype_bytes * (s * (tokens * dims.activations_per_token + scores
+                                        + repeated_kv) - unsaved)
         + lora_dtype_bytes * tokens * total_rank,
         lora_params=lora_dtype_bytes * lora,
         lora_grads=lora_dtype_bytes * lora,
