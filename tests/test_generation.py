@@ -273,3 +273,52 @@ def test_dialogue_pairs_are_statement_response() -> None:
     pairs = {(e.text, e.target) for e in ds.examples}
     assert len(pairs) == len(ds.examples)  # exact duplicate pairs dropped
     assert ("Hello", "Hi") in pairs and ("Hi", "Hello") in pairs
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_greedy_decoding_matches_uncached(family: str) -> None:
+    """The KV-cache path (left padding, positions over real tokens) decodes the same tokens
+    as the cache-free right-padded path a split model uses."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lorafleet.data.tasks import greedy_decode
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, intermediate_size=64, initializer_range=0.5)).eval()
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2,
+                                           initializer_range=0.5)).eval()
+
+    class NoCache(torch.nn.Module):  # what a split model offers: ids and mask only
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    prompts = [torch.randint(1, 64, (n,)).tolist() for n in (7, 3, 12, 5)]
+    eos = 5
+    with torch.no_grad():
+        cached = greedy_decode(model, prompts, 12, eos, 0, torch.device("cpu"))
+        plain = greedy_decode(NoCache(), prompts, 12, eos, 0, torch.device("cpu"))
+    assert cached == plain
+    assert len({tuple(g) for g in plain}) > 1 and len({t for g in plain for t in g}) > 3
+
+
+def test_generation_eval_without_decoding_reports_perplexity_only(tiny_llama_dir: Path) -> None:
+    from lorafleet.data.datasets import Example
+    from lorafleet.data.tasks import GenerationTask
+
+    model, tokenizer = load_base_model(ModelConfig(name=str(tiny_llama_dir)), "causal-lm", 1, 0)
+    task = GenerationTask(tokenizer, 32, "{text}\nHeadline:", 4)
+    items = task.encode([Example("rain over the hills", target="wet day"),
+                         Example("stocks fell", target="bad quarter")])
+    full = task.evaluate(model, items, 2)
+    quick = task.evaluate(model, items, 2, decode=False)
+    assert set(full) == {"rougeL", "bleu", "perplexity", "eval_loss"}
+    assert set(quick) == {"perplexity", "eval_loss"}
+    assert quick["perplexity"] == pytest.approx(full["perplexity"])

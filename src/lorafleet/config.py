@@ -92,6 +92,11 @@ class TaskConfig(_Section):
         "{text}\nHeadline:",
         description="Prompt for generation; `{text}` is the example text, the target follows.",
     )
+    generation_eval: Literal["every", "final"] = Field(
+        "every",
+        description="Generation: decode for ROUGE-L/BLEU at every evaluation, or only at the "
+        "initial and final ones (the others report perplexity; decoding dominates eval time).",
+    )
     max_new_tokens: int = Field(
         24, gt=0, description="Generation: most tokens decoded greedily per evaluated example."
     )

@@ -56,11 +56,18 @@ class RunResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
-def evaluate_global(exp: Experiment, state: ServerState) -> dict[str, float]:
-    """Evaluate the global model that ``state`` describes on the held-out split."""
+def evaluate_global(exp: Experiment, state: ServerState, *, final: bool = True
+                    ) -> dict[str, float]:
+    """Evaluate the global model that ``state`` describes on the held-out split.
+
+    ``final=False`` marks an intermediate evaluation: with ``task.generation_eval: final``
+    it skips decoding.
+    """
     ga = exp.algorithm.global_adapter(state)
     exp.model.set_global(ga.tensors, ga.scaling, ga.base_delta)
-    return exp.task.evaluate(exp.model.peft, exp.eval_items, exp.cfg.task.eval_batch_size)
+    decode = final or exp.cfg.task.generation_eval == "every"
+    return exp.task.evaluate(exp.model.peft, exp.eval_items, exp.cfg.task.eval_batch_size,
+                             decode=decode)
 
 
 def _counted(batches: Iterator[Batch], counter: list[int]) -> Iterator[Batch]:
@@ -320,7 +327,7 @@ def run_local(
                 row["bytes_activations"] = ledger.activation_bytes(rnd)
                 row["bytes_activations_total"] = ledger.activation_bytes()
             if rnd % tc.eval_every == 0 or rnd == cfg.rounds:
-                row.update(evaluate_global(exp, state))
+                row.update(evaluate_global(exp, state, final=rnd == cfg.rounds))
             row["wall_seconds"] = wall()
             run.append_metrics(row)
             rows.append(row)
