@@ -57,3 +57,23 @@ def test_smollm2_generative_topic_fslora(tmp_path):
     ga_eval = exp.task.evaluate(model, exp.eval_items, 6)
     assert ga_eval["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-4)
     assert torch.isfinite(theirs.logits).all()
+
+
+def test_smollm2_hsplitlora_smoke_split(tmp_path):
+    """configs/smoke-split.yaml as shipped: three budgets give three split points, every
+    estimate within its budget, perplexity falls, and the merged model reloads with
+    ``from_pretrained`` and reproduces the run's final evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config("configs/smoke-split.yaml")
+    result = run_local(cfg, tmp_path / "run", progress=False)
+    s = result.summary
+    clients = list(s["clients"].values())
+    splits = [c["split_point"] for c in clients]
+    assert splits == sorted(splits) and len(set(splits)) == 3  # budgets rise with the id
+    assert all(c["memory_estimate_bytes"] <= c["memory_budget_bytes"] for c in clients)
+    assert s["bytes_activations"] > 0 and s["final"] < s["base"]
+    exp = build_experiment(cfg)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
+    again = exp.task.evaluate(merged, exp.eval_items, 16)
+    assert again["perplexity"] == pytest.approx(s["final"], rel=1e-4)

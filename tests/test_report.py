@@ -178,3 +178,32 @@ def test_runs_of_different_experiments_are_not_averaged_together(tmp_path: Path)
     rows = results_table(find_runs([a, b]))
     assert [r["algorithm"] for r in rows] == ["cmp-test/fslora", "other/fslora"]
     assert [r["seeds"] for r in rows] == [1, 1]
+
+
+def test_time_to_target_and_split_columns(tmp_path: Path) -> None:
+    from lorafleet.report import parse_target, time_to_target
+
+    for seed in (0, 1):
+        run = _write_run(tmp_path, "fslora", seed)
+        summary = json.loads((run / "summary.json").read_text())
+        summary["bytes_activations"] = 5000 * (seed + 1)
+        summary["clients"] = {"0": {"memory_estimate_bytes": 300 + seed},
+                              "1": {"memory_estimate_bytes": 700 + seed}}
+        (run / "summary.json").write_text(json.dumps(summary))
+    runs = find_runs([tmp_path])
+    # accuracy 0.2 -> 0.8 (seed 0) / 0.9 (seed 1), evaluated at rounds 2 and 4
+    assert time_to_target(runs[0], "accuracy", 0.5) == 4.0  # round 2: 0.2 + 0.6 * 2/4 = 0.5
+    assert time_to_target(runs[1], "accuracy", 0.56) == 9.0  # round 2 has 0.55: round 4
+    assert time_to_target(runs[0], "accuracy", 0.85) is None
+    assert time_to_target(runs[0], "eval_loss", 0.3) == 8.0  # lower is better: 1/4 <= 0.3
+    assert parse_target("perplexity=30") == ("perplexity", 30.0)
+    assert parse_target("0.5") == ("", 0.5)
+    with pytest.raises(LorafleetError, match="METRIC=VALUE"):
+        parse_target("perplexity=lots")
+    (row,) = results_table(runs, ("accuracy", 0.85))
+    assert row["bytes_activations"] == 7500 and row["device_memory_bytes"] == 700.5
+    assert row["reached"] == "1/2" and row["time_to_target"] == 9.0  # seed 1 at round 4
+    written = report([tmp_path], tmp_path / "out", ("accuracy", 0.85))
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "device memory (max)" in md and "9.0 s (1/2 reached accuracy=0.85)" in md
+    assert written[0].read_text().splitlines()[0].endswith("target,time_to_target,reached")

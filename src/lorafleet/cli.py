@@ -148,12 +148,17 @@ def report(
     dirs: Annotated[list[Path], typer.Argument(help="Run or compare directories.")],
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Where plots and tables go (default: the first directory).")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="Also tabulate the simulated time to reach METRIC=VALUE (e.g. perplexity=30; "
+        "a bare VALUE targets the runs' own metric).")] = None,
 ) -> None:
     """Plot metric vs round, bytes and simulated time, and tabulate the runs."""
+    from lorafleet.report import parse_target
     from lorafleet.report import report as make_report
 
     try:
-        files = make_report(list(dirs), out or dirs[0])
+        files = make_report(list(dirs), out or dirs[0],
+                            parse_target(target) if target is not None else None)
     except LorafleetError as err:
         _fail(str(err))
         return

@@ -30,8 +30,10 @@ __all__ = [
     "Run",
     "find_runs",
     "make_plots",
+    "parse_target",
     "report",
     "results_table",
+    "time_to_target",
     "write_results",
 ]
 
@@ -49,6 +51,16 @@ RESULT_COLUMNS = (
     "sim_seconds",
     "wall_seconds",
 )
+
+# Extra columns when any run is a split run (or a target is given).
+SPLIT_COLUMNS = (
+    "perplexity_mean",
+    "perplexity_std",
+    "bytes_activations",
+    "device_memory_bytes",
+)
+TARGET_COLUMNS = ("target", "time_to_target", "reached")
+LOWER_IS_BETTER = ("perplexity", "eval_loss")  # secondary metrics a target may name
 
 # Fixed PNG metadata: no Software/timestamp keys, so re-running gives identical bytes.
 _PNG_METADATA: dict[str, str | None] = {"Software": None}
@@ -164,12 +176,53 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def results_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
+def parse_target(text: str) -> tuple[str, float]:
+    """``"perplexity=30"`` -> ("perplexity", 30.0); a bare number targets the run's metric."""
+    name, sep, value = text.rpartition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        raise LorafleetError(f"target {text!r} must look like METRIC=VALUE, e.g. "
+                             "perplexity=30 or accuracy=0.9") from None
+    return (name.strip() if sep else ""), number
+
+
+def time_to_target(run: Run, metric: str, value: float) -> float | None:
+    """Simulated seconds at the first evaluation whose ``metric`` reaches ``value`` (<= for
+    perplexity/eval_loss and lower-is-better run metrics, else >=); None if never."""
+    lower = metric in LOWER_IS_BETTER or (metric == run.metric and not run.higher_is_better)
+    for rec in run.metrics:
+        got = _opt(rec.get(metric))
+        if got is not None and (got <= value if lower else got >= value):
+            return _opt(rec.get("sim_seconds_total")) or 0.0
+    return None
+
+
+def _final_of(run: Run, key: str) -> float:
+    values = [_num(rec.get(key)) for rec in run.metrics if key in rec]
+    return values[-1] if values else math.nan
+
+
+def _device_memory(run: Run) -> float:
+    """Largest per-client device memory estimate of a split run (NaN otherwise)."""
+    clients = run.summary.get("clients") or {}
+    values = [_num(c.get("memory_estimate_bytes")) for c in clients.values()
+              if isinstance(c, dict)]
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite) if finite else math.nan
+
+
+def results_table(runs: Sequence[Run], target: tuple[str, float] | None = None
+                  ) -> list[dict[str, Any]]:
     """One row per algorithm: final/best metric mean ± sample std over seeds, mean totals.
 
-    Columns: :data:`RESULT_COLUMNS`. ``seeds`` counts runs; bytes and seconds are means of
-    the per-run totals from ``summary.json``.
+    Columns: :data:`RESULT_COLUMNS`; when a run is a split run also :data:`SPLIT_COLUMNS`
+    (the final perplexity, activation bytes, the largest device memory estimate); with a
+    ``target`` (metric, value) also :data:`TARGET_COLUMNS` (mean simulated seconds to reach
+    it over the seeds that did, and how many did). ``seeds`` counts runs; bytes and seconds
+    are means of the per-run totals from ``summary.json``.
     """
+    split = any("bytes_activations" in r.summary for r in runs)
     rows: list[dict[str, Any]] = []
     for algorithm, group in _groups(runs).items():
         final_mean, final_std = _mean_std([_num(r.summary.get("final")) for r in group])
@@ -187,6 +240,19 @@ def results_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         }
         for key in ("bytes_up", "bytes_down", "sim_seconds", "wall_seconds"):
             row[key] = _mean_std([_num(r.summary.get(key)) for r in group])[0]
+        if split:
+            row["perplexity_mean"], row["perplexity_std"] = _mean_std(
+                [_final_of(r, "perplexity") for r in group])
+            row["bytes_activations"] = _mean_std(
+                [_num(r.summary.get("bytes_activations", 0)) for r in group])[0]
+            row["device_memory_bytes"] = _mean_std([_device_memory(r) for r in group])[0]
+        if target is not None:
+            metric = target[0] or group[0].metric
+            times = [time_to_target(r, metric, target[1]) for r in group]
+            reached = [t for t in times if t is not None]
+            row["target"] = f"{metric}={target[1]:g}"
+            row["time_to_target"] = statistics.fmean(reached) if reached else math.nan
+            row["reached"] = f"{len(reached)}/{len(group)}"
         rows.append(row)
     return rows
 
@@ -217,11 +283,15 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: Path | str) -> list[P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "results.csv", out / "results.md"
+    split = any("device_memory_bytes" in row for row in rows)
+    targeted = any("time_to_target" in row for row in rows)
+    columns = [*RESULT_COLUMNS, *(SPLIT_COLUMNS if split else ()),
+               *(TARGET_COLUMNS if targeted else ())]
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS), lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in RESULT_COLUMNS})
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
 
     header = [
         "algorithm",
@@ -234,6 +304,10 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: Path | str) -> list[P
         "simulated time",
         "wall time",
     ]
+    if split:
+        header += ["final perplexity", "activations", "device memory (max)"]
+    if targeted:
+        header += ["simulated time to target"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         seeds = int(row["seeds"])
@@ -249,6 +323,13 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: Path | str) -> list[P
             f"{_fmt(row['sim_seconds'], '.1f')} s",
             f"{_fmt(row['wall_seconds'], '.1f')} s",
         ]
+        if split:
+            cells += [_fmt_mean_std(row["perplexity_mean"], row["perplexity_std"], seeds),
+                      _megabytes(row["bytes_activations"]),
+                      _megabytes(row["device_memory_bytes"])]
+        if targeted:
+            cells.append(f"{_fmt(row['time_to_target'], '.1f')} s ({row['reached']} reached "
+                         f"{row['target']})")
         lines.append("| " + " | ".join(cells) + " |")
     md_path.write_text("\n".join(lines) + "\n")
     return [csv_path, md_path]
@@ -512,8 +593,10 @@ def make_plots(runs: Sequence[Run], out_dir: Path | str) -> list[Path]:
     return paths
 
 
-def report(paths: Iterable[Path | str], out_dir: Path | str) -> list[Path]:
-    """Find runs under ``paths`` and write the results tables and plots into ``out_dir``."""
+def report(paths: Iterable[Path | str], out_dir: Path | str,
+           target: tuple[str, float] | None = None) -> list[Path]:
+    """Find runs under ``paths`` and write the results tables and plots into ``out_dir``
+    (with ``target``, also the simulated time to reach it)."""
     runs = find_runs(paths)
-    written = write_results(results_table(runs), out_dir)
+    written = write_results(results_table(runs, target), out_dir)
     return written + make_plots(runs, out_dir)
