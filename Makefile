@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sketching.py
 	$(BIN)/python benchmarks/communication.py
 	$(BIN)/python benchmarks/aggregation.py
+	$(BIN)/python benchmarks/split_memory.py
+	$(BIN)/python benchmarks/split_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -51,7 +51,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dataset: str = Field(
         "bbc-news",
-        description="Embedded dataset (bbc-news, rotten-tomatoes, hamlet, dialogue), a "
+        description="Embedded dataset (bbc-news, rotten-tomatoes, hamlet, dialogue, "
+        "bbc-headlines, dialogue-pairs), a "
         "`datasets` hub name, or a local csv/json/jsonl/parquet file or saved dataset dir.",
     )
     text_field: str = Field("text", description="Column holding the input text.")
