@@ -210,12 +210,15 @@ def assets(
 
 @app.command()
 def algorithms() -> None:
-    """List the federated algorithms."""
+    """List the algorithms (federated, then split learning)."""
     from lorafleet.algorithms import ALGORITHMS
 
+    width = max(len(name) for name in ALGORITHMS)
     for name, cls in ALGORITHMS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        out_console.print(f"{name:10s} {doc}", highlight=False)
+        family = ("split" if cls.split_learning else "central" if cls.pools_data
+                  else "federated")
+        out_console.print(f"{name:{width}s}  {family:9s}  {doc}", highlight=False, soft_wrap=True)
 
 
 @app.command("config")

@@ -257,8 +257,10 @@ class SplitLoRA(_SplitFamily, FedAvg):
 
 
 class HetLoRASplit(_SplitFamily, HetLoRA):
-    """HetLoRA under split learning: fixed split, per-device ranks k_i (:func:`budget_ranks`),
-    truncated payloads and zero-padded aggregation."""
+    """HetLoRA under split learning: fixed split, per-device ranks k_i, zero-padded averaging.
+
+    k_i is the largest rank of Q the device holds at the fixed split (:func:`budget_ranks`).
+    """
 
     name: ClassVar[str] = "hetlora-split"
 
