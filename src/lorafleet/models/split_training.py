@@ -32,7 +32,7 @@ from lorafleet.models.adapters import AdaptedModel, LossFn, training_mode
 from lorafleet.models.split import Activations, SplitModel, activations_to_tensors, split_model
 from lorafleet.split.importance import unit_rank_cost, weight_score
 
-__all__ = ["SplitClientTrainer", "SplitStats"]
+__all__ = ["DeviceSide", "ServerSide", "SplitClientTrainer", "SplitStats", "split_step"]
 
 
 @dataclass
@@ -55,60 +55,243 @@ class SplitStats:
         return self.bytes_up + self.bytes_down
 
 
-class _SplitForward(nn.Module):
-    """Looks like the model to a task (``model(input_ids=, attention_mask=).logits``) but
-    runs device part -> wire -> server part, and finishes the backward across the cut."""
+class _Logits(nn.Module):
+    """Stands in for the model when a loss is computed from logits another side produced:
+    ``model(input_ids=..., attention_mask=...)`` returns them whatever the inputs."""
 
-    def __init__(self, split: SplitModel, labels: Literal["server", "device"],
-                 stats: SplitStats) -> None:
+    def __init__(self, logits: torch.Tensor) -> None:
         super().__init__()
-        self.device_part = split.device_part
-        self.server_part = split.server_part
-        self.labels = labels
-        self.stats = stats
-        self._pending: tuple[torch.Tensor, Activations, torch.Tensor | None,
-                             torch.Tensor | None] | None = None
+        self.logits = logits
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> SimpleNamespace:
-        device_out = self.device_part(input_ids, attention_mask)
-        wire = activations_to_tensors(device_out)  # what the device sends
+    def forward(self, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.logits)
+
+
+class _Side:
+    """What both halves share: their slice of the client's adapter, optimizer, probe."""
+
+    def __init__(self, model: AdaptedModel, loss_fn: LossFn, *, split_point: int,
+                 lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
+                 grad_clip: float | None = None, probe_importance: bool = False) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.split_point = split_point
+        self.lr, self.optimizer_name, self.weight_decay = lr, optimizer, weight_decay
+        self.grad_clip = grad_clip
+        self.probe_importance = probe_importance
+        self.split: SplitModel | None = None
+        self.adapter = ""
+        self.keys: list[str] = []
+        self.params: list[nn.Parameter] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.probed: dict[str, torch.Tensor] = {}
+        self.scores: dict[str, float] = {}
+
+    def mine(self, key: str) -> bool:
+        """Whether this side trains the wire tensor ``key``."""
+        raise NotImplementedError
+
+    def _owns_module(self, module: str) -> bool:
+        raise NotImplementedError
+
+    def begin(self, tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
+              scaling: Mapping[str, float]) -> None:
+        """Load this side's share of the payload into the adapter of ``ranks`` and build its
+        optimizer. Another side sharing the model loads its own; then :meth:`ready`."""
+        model = self.model
+        self.adapter = model.adapter_for(ranks)
+        own = {k: v for k, v in tensors.items() if self.mine(k)}
+        model.load(self.adapter, own, scaling)
+        model.activate(self.adapter)
+        self.split = split_model(model.peft, self.split_point)
+        self.keys = list(own)
+        self.params = list(model.parameters_of(self.adapter, self.keys).values())
+        self.optimizer = None
+        if self.params:
+            if self.optimizer_name == "sgd":
+                self.optimizer = torch.optim.SGD(self.params, lr=self.lr,
+                                                 weight_decay=self.weight_decay)
+            else:
+                self.optimizer = torch.optim.AdamW(self.params, lr=self.lr,
+                                                   weight_decay=self.weight_decay)
+        self.probed = ({m: w for m, w in model.adapted_weights().items() if self._owns_module(m)}
+                       if self.probe_importance else {})
+        self.scores = {}
+
+    def ready(self) -> None:
+        """Make this side's parameters trainable (after every side sharing the model has
+        begun: activating an adapter resets PEFT's trainable flags)."""
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def probe(self, on: bool) -> None:
+        """Let this step compute ∂L/∂W of this side's frozen adapted weights (or stop)."""
+        for w in self.probed.values():
+            w.requires_grad_(on)
+
+    def step(self) -> None:
+        """Collect probe scores (if any), clip this side's gradients, apply its optimizer."""
+        if any(w.requires_grad for w in self.probed.values()):
+            self.scores.update(_importance(self.probed))
+            self.probe(False)
+        if self.optimizer is None:
+            return
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end(self) -> tuple[Tensors, dict[str, float]]:
+        """This side's trained tensors and importance scores; parameters frozen again."""
+        for p in self.params:
+            p.requires_grad_(False)
+        for w in self.probed.values():
+            w.requires_grad_(False)
+            w.grad = None
+        return self.model.read(self.adapter, self.keys), dict(self.scores)
+
+
+class DeviceSide(_Side):
+    """The device half of a split client: embeddings + layers [0, s) and their adapters.
+
+    Per step: :meth:`forward` (token ids -> wire activations), then either the server
+    computes the loss (labels sent along, counted here) or :meth:`loss_from_logits` does it
+    here; finally :meth:`backward` with the gradient at the cut and :meth:`step`. ``stats``
+    counts every byte this device sends and receives.
+    """
+
+    def __init__(self, model: AdaptedModel, loss_fn: LossFn, **kwargs: object) -> None:
+        super().__init__(model, loss_fn, **kwargs)  # type: ignore[arg-type]
+        self.stats = SplitStats()
+        self._hidden: torch.Tensor | None = None
+
+    def mine(self, key: str) -> bool:
+        module, which = split_key(key)
+        return which is not None and self._owns_module(module)
+
+    def _owns_module(self, module: str) -> bool:
+        layer = module_layer(module)
+        return layer is not None and layer < self.split_point
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], send_labels: bool = True
+                ) -> Tensors:
+        """Run layers [0, s) on ``input_ids``/``attention_mask``; returns the wire tensors
+        (and counts them, plus ``labels`` when they travel to the server)."""
+        assert self.split is not None, "begin() first"
+        ids = inputs["input_ids"]
+        out = self.split.device_part(ids, inputs.get("attention_mask"))
+        self._hidden = out.hidden
+        wire = activations_to_tensors(out)
+        self.stats.shapes.append((int(ids.shape[0]), int(ids.shape[1])))
         self.stats.bytes_up += tensor_bytes(wire)
-        self.stats.shapes.append((int(input_ids.shape[0]), int(input_ids.shape[1])))
-        received = Activations.from_tensors(wire, requires_grad=torch.is_grad_enabled())
-        logits = self.server_part(received)
-        if self.labels == "device":
-            self.stats.bytes_down += logits.numel() * logits.element_size()
-            on_device = logits.detach().requires_grad_(torch.is_grad_enabled())
-            self._pending = (device_out.hidden, received, logits, on_device)
-            return SimpleNamespace(logits=on_device)
-        self._pending = (device_out.hidden, received, None, None)
-        return SimpleNamespace(logits=logits)
+        if send_labels and "labels" in inputs:
+            self.stats.bytes_up += tensor_bytes({"labels": inputs["labels"]})
+        return wire
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate ``loss`` through the side that computed it, then across the cut."""
-        if self._pending is None:
-            raise RuntimeError("backward before forward")
-        device_hidden, received, server_logits, device_logits = self._pending
-        self._pending = None
+    def loss_from_logits(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
+                         ) -> tuple[float, torch.Tensor]:
+        """Labels on the device: the loss of the server's logits; returns it and ∂L/∂logits
+        (received logits and the gradient sent back are counted)."""
+        self.stats.bytes_down += logits.numel() * logits.element_size()
+        leaf = logits.detach().requires_grad_(True)
+        loss = self.loss_fn(_Logits(leaf), dict(batch))
         loss.backward()
-        if server_logits is not None and device_logits is not None:
-            grad_logits = device_logits.grad
-            assert grad_logits is not None
-            self.stats.bytes_up += grad_logits.numel() * grad_logits.element_size()
-            server_logits.backward(grad_logits)
-        grad = received.hidden.grad
-        assert grad is not None
+        assert leaf.grad is not None
+        self.stats.bytes_up += leaf.grad.numel() * leaf.grad.element_size()
+        return float(loss.detach()), leaf.grad
+
+    def backward(self, grad: torch.Tensor) -> None:
+        """Backpropagate the gradient at the cut through layers [0, s)."""
+        if self._hidden is None:
+            raise RuntimeError("backward before forward")
         self.stats.bytes_down += grad.numel() * grad.element_size()
-        device_hidden.backward(grad)
+        hidden, self._hidden = self._hidden, None
+        hidden.backward(grad)
+
+
+class ServerSide(_Side):
+    """The main server's half for one client: layers [s, L), the head, and the client's
+    server-side adapters (SFL-V1). It sees activations, attention masks, positions and (with
+    labels on the server) labels, never token ids."""
+
+    def __init__(self, model: AdaptedModel, loss_fn: LossFn, **kwargs: object) -> None:
+        super().__init__(model, loss_fn, **kwargs)  # type: ignore[arg-type]
+        self._received: Activations | None = None
+        self._logits: torch.Tensor | None = None
+
+    def mine(self, key: str) -> bool:
+        module, which = split_key(key)
+        return which is None or not self._owns_module_device(module)
+
+    def _owns_module_device(self, module: str) -> bool:
+        layer = module_layer(module)
+        return layer is not None and layer < self.split_point
+
+    def _owns_module(self, module: str) -> bool:
+        return not self._owns_module_device(module)
+
+    def _run(self, wire: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        assert self.split is not None, "begin() first"
+        self._received = Activations.from_tensors(wire, requires_grad=True)
+        return self.split.server_part(self._received)
+
+    def loss_step(self, wire: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]
+                  ) -> tuple[float, torch.Tensor]:
+        """Labels on the server: forward, loss, backward; returns the loss and ∂L/∂hidden."""
+        logits = self._run(wire)
+        batch = {"input_ids": torch.zeros_like(wire["attention_mask"]),  # ids stay on device
+                 "attention_mask": wire["attention_mask"], **labels}
+        loss = self.loss_fn(_Logits(logits), batch)
+        loss.backward()
+        return float(loss.detach()), self._grad()
+
+    def forward(self, wire: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Labels on the device: forward only; returns the logits (detached)."""
+        self._logits = self._run(wire)
+        return self._logits.detach()
+
+    def backward(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """Labels on the device: backpropagate ∂L/∂logits; returns ∂L/∂hidden."""
+        if self._logits is None:
+            raise RuntimeError("backward before forward")
+        logits, self._logits = self._logits, None
+        logits.backward(grad_logits)
+        return self._grad()
+
+    def _grad(self) -> torch.Tensor:
+        assert self._received is not None and self._received.hidden.grad is not None
+        grad = self._received.hidden.grad
+        self._received = None
+        return grad
+
+
+def split_step(device: DeviceSide, server: ServerSide, batch: Mapping[str, torch.Tensor],
+               labels: Literal["server", "device"]) -> float:
+    """One split-learning step in this process: device forward, the exchange, both
+    backwards and both optimizer steps. Returns the loss."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    if labels == "server":
+        wire = device.forward({**inputs, "labels": batch["labels"]})
+        loss, grad = server.loss_step(wire, {"labels": batch["labels"]})
+    else:
+        wire = device.forward(inputs, send_labels=False)
+        logits = server.forward(wire)
+        loss, grad_logits = device.loss_from_logits(logits, batch)
+        grad = server.backward(grad_logits)
+    device.backward(grad)
+    device.step()
+    server.step()
+    return loss
 
 
 class SplitClientTrainer:
-    """A :class:`~lorafleet.algorithms.base.ClientTrainer` that trains by split learning.
+    """A :class:`~lorafleet.algorithms.base.ClientTrainer` that trains by split learning,
+    both halves (:class:`DeviceSide`, :class:`ServerSide`) in this process on one model.
 
     Args:
-        model: the shared adapted model (one process holds both sides).
-        loss_fn: the task's ``loss(model, batch)``; it sees the split model as the model.
+        model: the shared adapted model.
+        loss_fn: the task's ``loss(model, batch)``; the side holding the labels calls it.
         split_point: s, the first server layer.
         labels: where the loss is computed, "server" or "device" (module doc).
         probe_importance: on the first step, also compute ∂L/∂W of every adapted frozen
@@ -135,32 +318,23 @@ class SplitClientTrainer:
         if labels not in ("server", "device"):
             raise ValueError(f"labels must be 'server' or 'device', not {labels!r}")
         self.model = model
-        self.loss_fn = loss_fn
         self.split_point = split_point
         self.labels: Literal["server", "device"] = labels
-        self.probe_importance = probe_importance
-        self.lr = lr
-        self.optimizer = optimizer
-        self.weight_decay = weight_decay
-        self.grad_clip = grad_clip
         self.on_step = on_step
-        self.stats = SplitStats()
+        options = {"split_point": split_point, "lr": lr, "optimizer": optimizer,
+                   "weight_decay": weight_decay, "grad_clip": grad_clip,
+                   "probe_importance": probe_importance}
+        self.device = DeviceSide(model, loss_fn, **options)
+        self.server = ServerSide(model, loss_fn, **options)
 
-    def _on_device(self, key: str) -> bool:
-        module, which = split_key(key)
-        layer = module_layer(module) if which is not None else None
-        return layer is not None and layer < self.split_point
+    @property
+    def stats(self) -> SplitStats:
+        """The device's traffic across the cut (and batch shapes)."""
+        return self.device.stats
 
     def device_side(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
         """The tensors of ``tensors`` that live on the device (LoRA factors of layers < s)."""
-        return {k: v for k, v in tensors.items() if self._on_device(k)}
-
-    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
-        if not params:
-            return None
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return {k: v for k, v in tensors.items() if self.device.mine(k)}
 
     def train(
         self,
@@ -170,53 +344,26 @@ class SplitClientTrainer:
         batches: Iterable[Batch],
     ) -> tuple[Tensors, dict[str, float]]:
         """Load the payload, train it by split learning, read it back (``self.stats`` counts)."""
-        model = self.model
-        adapter = model.adapter_for(ranks)
-        model.load(adapter, tensors, scaling)
-        model.activate(adapter)
-        split = split_model(model.peft, self.split_point)
-        live = model.parameters_of(adapter, tensors.keys())
-        sides = {
-            "device": [p for k, p in live.items() if self._on_device(k)],
-            "server": [p for k, p in live.items() if not self._on_device(k)],
-        }
-        for p in model.peft.parameters():
+        for p in self.model.peft.parameters():
             p.requires_grad_(False)
-        for p in live.values():
-            p.requires_grad_(True)
-        optimizers = {side: self._optimizer(ps) for side, ps in sides.items()}
-        forward = _SplitForward(split, self.labels, self.stats)
-        probed = model.adapted_weights() if self.probe_importance else {}
+        self.device.begin(tensors, ranks, scaling)
+        self.server.begin(tensors, ranks, scaling)
+        self.device.ready()
+        self.server.ready()
         losses: list[float] = []
-        metrics: dict[str, float] = {}
-        with training_mode(model.peft):
+        with training_mode(self.model.peft):
             for step, batch in enumerate(batches):
-                probe = bool(probed) and step == 0
-                for w in probed.values():
-                    w.requires_grad_(probe)
-                loss = self.loss_fn(forward, batch)
-                if self.labels == "server" and "labels" in batch:
-                    self.stats.bytes_up += tensor_bytes({"labels": batch["labels"]})
-                forward.backward(loss)
-                if probe:
-                    metrics.update(_importance(probed))
-                for side, opt in optimizers.items():
-                    if opt is None:
-                        continue
-                    if self.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(sides[side], self.grad_clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
+                self.device.probe(step == 0)
+                self.server.probe(step == 0)
+                losses.append(split_step(self.device, self.server, batch, self.labels))
                 if self.on_step is not None:
                     self.on_step(step, losses[-1])
-        for p in live.values():
-            p.requires_grad_(False)
-        for w in probed.values():
-            w.requires_grad_(False)
-            w.grad = None
+        trained, metrics = self.device.end()
+        server_trained, server_scores = self.server.end()
+        trained.update(server_trained)
+        metrics.update(server_scores)
         metrics.update({"loss": sum(losses) / max(len(losses), 1), "steps": float(len(losses))})
-        return model.read(adapter, tensors.keys()), metrics
+        return {k: trained[k] for k in tensors}, metrics
 
 
 def _importance(weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
