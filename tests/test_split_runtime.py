@@ -397,3 +397,18 @@ def test_unknown_architecture_names_the_supported_ones(tmp_path: Path, tiny_text
                                        **{"lora.target_modules": "[q_proj, v_proj]"}))
     with pytest.raises(LorafleetError, match=r"cannot split model type 'opt' \(supported: llama"):
         build_experiment(cfg)
+
+
+def test_hetlora_split_ranks_follow_device_tiers_and_fit() -> None:
+    from lorafleet.algorithms.split import budget_ranks
+
+    probe = _ctx([1e9])
+    need = {q: probe.memory_bytes(1, probe.uniform_ranks(q)) for q in (2, 4, 8)}
+    assert need[2] < need[4] < need[8]
+    # budgets 1/4, 1/2 and all of the largest: tiers 2, 4 and 8 of max rank 8 (all fit 8)
+    tiers = _ctx([need[8] * 1.01, need[8] * 2.02, need[8] * 4.04], split_point=1)
+    assert budget_ranks(tiers, 8) == [2, 4, 8]
+    # the strongest device's tier is 8, but only rank 4 fits its budget
+    assert budget_ranks(_ctx([need[4] * 1.0001], split_point=1), 8) == [4]
+    with pytest.raises(LorafleetError, match="below the minimum"):
+        budget_ranks(_ctx([need[2] * 0.99], split_point=1), 8)

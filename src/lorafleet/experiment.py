@@ -17,6 +17,7 @@ import torch
 from lorafleet.algorithms import (
     ClientInfo,
     FederatedAlgorithm,
+    HetLoRASplit,
     HSplitLoRA,
     HSplitLoRAPadded,
     SplitContext,
@@ -76,8 +77,13 @@ def resolve_algorithm(cfg: ExperimentConfig) -> type[FederatedAlgorithm]:
 
 
 def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Module,
-                  profiles: list[DeviceProfile]) -> SplitContext:
+                  profiles: list[DeviceProfile], per_device_ranks: bool = False
+                  ) -> SplitContext:
     """The split family's view of the model and fleet: dims, budgets, the fixed split.
+
+    Without ``split.split_point`` the fixed split is the deepest at which every device holds
+    rank ``lora.rank`` adapters, or with ``per_device_ranks`` the smallest positive rank of
+    ``split.rank_set`` (so that stronger devices can take larger ranks there).
 
     Raises:
         ConfigError: split.split_point outside [1, L-1].
@@ -99,7 +105,11 @@ def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Mod
     )
     fixed = cfg.split.split_point
     if fixed is None:
-        fixed = common_split_point(ctx, cfg.lora.rank)
+        # Per-device ranks (hetlora-split): deep enough that the weakest device holds the
+        # smallest rank, the others more; one rank (the rest): every device holds rank r.
+        positive = [q for q in ctx.rank_set if 0 < q <= cfg.lora.rank] or [cfg.lora.rank]
+        rank = positive[0] if per_device_ranks else cfg.lora.rank
+        fixed = common_split_point(ctx, rank)
     elif not 1 <= fixed <= dims.num_layers - 1:
         raise ConfigError("split.split_point", f"{fixed} is outside [1, L-1] = "
                           f"[1, {dims.num_layers - 1}] for this {dims.num_layers}-layer model")
@@ -155,7 +165,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         steps *= per_round
         parts = [sorted(i for part in parts for i in part)]
         profiles = profiles[:1]
-    ctx = split_context(cfg, model, base, profiles) if algo_cls.split_learning else None
+    ctx = (split_context(cfg, model, base, profiles,
+                         per_device_ranks=issubclass(algo_cls, HetLoRASplit))
+           if algo_cls.split_learning else None)
     if algo_cls.homogeneous:
         ranks = [cfg.lora.rank] * len(parts)
     elif ctx is not None:

@@ -194,17 +194,23 @@ def common_split_point(ctx: SplitContext, rank: int) -> int:
 
 
 def budget_ranks(ctx: SplitContext, max_rank: int) -> list[int]:
-    """HetLoRA-split's rank per client: the largest positive rank of Q (at most ``max_rank``)
-    whose adapters on every device weight fit the client's budget at the fixed split.
+    """HetLoRA-split's rank per client, by device tier: the largest positive rank q of Q with
+    q <= ``max_rank`` · budget / (largest budget) (at least the smallest), lowered further
+    until its adapters on every device weight fit the client's budget at the fixed split.
+
+    Rank is cheap next to frozen layers and activations, so fitting alone would give every
+    device the same rank; HetLoRA ties a device's rank to its capacity instead.
 
     Raises:
         LorafleetError: a client cannot hold the smallest positive rank (names the minimum).
     """
     q = [r for r in ctx.rank_set if 0 < r <= max_rank] or [max_rank]
     out = []
+    top = max(ctx.budgets_bytes)
     for client, budget in enumerate(ctx.budgets_bytes):
-        fitting = [r for r in q if ctx.memory_bytes(ctx.split_point, ctx.uniform_ranks(r))
-                   <= budget]
+        tier = max([r for r in q if r <= max_rank * budget / top] or [q[0]])
+        fitting = [r for r in q if r <= tier and ctx.memory_bytes(
+            ctx.split_point, ctx.uniform_ranks(r)) <= budget]
         if not fitting:
             need = ctx.memory_bytes(ctx.split_point, ctx.uniform_ranks(q[0]))
             raise LorafleetError(
