@@ -32,7 +32,8 @@ from lorafleet.models.adapters import AdaptedModel, LossFn, training_mode
 from lorafleet.models.split import Activations, SplitModel, activations_to_tensors, split_model
 from lorafleet.split.importance import unit_rank_cost, weight_score
 
-__all__ = ["DeviceSide", "ServerSide", "SplitClientTrainer", "SplitStats", "split_step"]
+__all__ = ["DeviceSide", "ServerSide", "SplitClientTrainer", "SplitStats", "on_device",
+           "split_step"]
 
 
 @dataclass
@@ -53,6 +54,14 @@ class SplitStats:
     def nbytes(self) -> int:
         """All activation traffic of the client, both directions."""
         return self.bytes_up + self.bytes_down
+
+
+def on_device(key: str, split_point: int) -> bool:
+    """Whether the wire tensor ``key`` lives on the device at split point s: the LoRA
+    factors of layers < s (dense heads and everything else live on the server)."""
+    module, which = split_key(key)
+    layer = module_layer(module) if which is not None else None
+    return layer is not None and layer < split_point
 
 
 class _Logits(nn.Module):
@@ -167,8 +176,7 @@ class DeviceSide(_Side):
         self._hidden: torch.Tensor | None = None
 
     def mine(self, key: str) -> bool:
-        module, which = split_key(key)
-        return which is not None and self._owns_module(module)
+        return on_device(key, self.split_point)
 
     def _owns_module(self, module: str) -> bool:
         layer = module_layer(module)
@@ -334,7 +342,7 @@ class SplitClientTrainer:
 
     def device_side(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
         """The tensors of ``tensors`` that live on the device (LoRA factors of layers < s)."""
-        return {k: v for k, v in tensors.items() if self.device.mine(k)}
+        return {k: v for k, v in tensors.items() if on_device(k, self.split_point)}
 
     def train(
         self,
