@@ -526,8 +526,10 @@ def make_plots(runs: Sequence[Run], out_dir: Path | str) -> list[Path]:
 
     Files: ``metric_vs_round.png``, ``metric_vs_bytes.png`` (x: cumulative bytes up +
     down, plus activations for split runs, in MB), ``metric_vs_sim_time.png`` (x: simulated
-    seconds), ``train_loss_vs_round.png``, ``client_ranks.png``. Seeds are aligned on the
-    round number; on the bytes and time axes x is the mean over seeds at that round.
+    seconds), ``train_loss_vs_round.png``, ``client_ranks.png``, and when the runs' metric
+    is not perplexity but they record it (generation tasks), ``perplexity_vs_round.png`` and
+    ``perplexity_vs_sim_time.png``. Seeds are aligned on the round number; on the bytes and
+    time axes x is the mean over seeds at that round.
 
     Raises:
         LorafleetError: the runs report different metrics (plot them separately).
@@ -579,6 +581,18 @@ def make_plots(runs: Sequence[Run], out_dir: Path | str) -> list[Path]:
             "train loss (lower is better)",
         ),
     ]
+    if metric != "perplexity" and any("perplexity" in rec for r in runs for rec in r.metrics):
+        # Generation runs decode their metric rarely; perplexity is evaluated every time.
+        def perplexity_of(run: Run) -> _Series:
+            return lambda rec: _opt(rec.get("perplexity"))
+
+        lines += [
+            ("perplexity_vs_round", None, perplexity_of, "perplexity vs round",
+             "round (0 = initial model)", "perplexity (lower is better)"),
+            ("perplexity_vs_sim_time", _sim_seconds, perplexity_of,
+             "perplexity vs simulated time", "simulated time (s)",
+             "perplexity (lower is better)"),
+        ]
     paths: list[Path] = []
     # The default style, whatever the user's matplotlibrc says, so outputs are reproducible.
     with style.context("default"):
