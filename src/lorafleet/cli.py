@@ -5,6 +5,7 @@ Errors a user can cause print as one line (``error: ...``) and exit with status 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lorafleet.config import ExperimentConfig
 from lorafleet.errors import LorafleetError
 
 app = typer.Typer(
@@ -25,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
+_RUNTIME_HELP = ExperimentConfig.model_fields["runtime"].description or ""
 out_console = Console()
 
 
@@ -69,24 +72,43 @@ def run(
     ] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue the run in --out from its checkpoint.")] = False,
+    runtime: Annotated[str | None, typer.Option(
+        help="Override the config's `runtime`. " + _RUNTIME_HELP)] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars or round lines.")] = False,
     verbose: Annotated[bool, typer.Option(help="Log more (INFO).")] = False,
 ) -> None:
     """Run one experiment and write its run directory (metrics, summary, adapter, checkpoint)."""
     _setup_logging(verbose)
-    from lorafleet.config import load_config
+    from lorafleet.config import load_config, validate_config
+    from lorafleet.rundir import RunDir
     from lorafleet.runtimes.local import run_local
 
     try:
+        overrides = list(set_ or []) + ([f"runtime={runtime}"] if runtime else [])
         if resume and config is None and not set_:
             cfg = None
             if out is None:
                 _fail("--resume needs --out DIR (the run to continue)")
+                return
+            if runtime:  # the stored config, run elsewhere
+                stored = RunDir(out).stored_config()
+                cfg = validate_config({**stored.model_dump(mode="json"), "runtime": runtime})
         else:
-            cfg = load_config(config, set_ or [])
+            cfg = load_config(config, overrides)
         directory = out or Path("runs") / (cfg.name if cfg else "experiment")
-        result = run_local(cfg, directory, resume=resume, console=err_console,
-                           progress=not quiet)
+        where = cfg.runtime if cfg else RunDir(directory).stored_config().runtime
+        if where == "flower-sim":
+            try:
+                from lorafleet.runtimes.flower import run_flower_sim
+            except ImportError as err:
+                _fail(f"--runtime flower-sim needs Flower ({err}); install the extra: "
+                      "pip install 'lorafleet[flower]'")
+                return
+            result = run_flower_sim(cfg, directory, resume=resume, console=err_console,
+                                    progress=not quiet, verbose=verbose)
+        else:
+            result = run_local(cfg, directory, resume=resume, console=err_console,
+                               progress=not quiet)
     except LorafleetError as err:
         _fail(str(err))
         return
@@ -102,6 +124,55 @@ def run(
         f"{s['bytes_down']:,}; {s['wall_seconds']:.0f} s. Results in {directory}",
         highlight=False, soft_wrap=True,
     )
+
+
+@app.command("deploy-local")
+def deploy_local(
+    config: Annotated[Path | None, typer.Argument(
+        help="Experiment YAML (default: the demo); omit with --resume.")] = None,
+    nodes: Annotated[int, typer.Option(
+        help="flower-supernode processes to start; node i plays client i.")] = 2,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Run directory (default runs/<name>); Flower's state and the "
+        "processes' logs go to OUT/deploy.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config field (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its checkpoint.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Log more (INFO).")] = False,
+) -> None:
+    """Run on a real Flower deployment on loopback: a flower-superlink, N flower-supernodes
+    and `flwr run`; every process started is stopped at the end (also on Ctrl-C)."""
+    _setup_logging(verbose)
+    from lorafleet.config import load_config
+
+    try:
+        from lorafleet.runtimes.flower.deploy import deploy_local as run_deployment
+    except ImportError as err:
+        _fail(f"deploy-local needs Flower ({err}); install the extra: "
+              "pip install 'lorafleet[flower]'")
+        return
+    try:
+        cfg = None if resume and config is None and not set_ else load_config(
+            config, set_ or [])
+        if resume and out is None:
+            _fail("--resume needs --out DIR (the run to continue)")
+            return
+        directory = out or Path("runs") / (cfg.name if cfg else "experiment")
+        run_deployment(cfg, directory, nodes=nodes, resume=resume, console=err_console)
+    except LorafleetError as err:
+        _fail(str(err))
+        return
+    except KeyboardInterrupt:
+        _fail(f"interrupted; every process started was stopped and finished rounds are "
+              f"kept. Continue with: lorafleet deploy-local --out {out or 'DIR'} --resume",
+              code=130)
+        return
+    s = json.loads((directory / "summary.json").read_text())
+    out_console.print(
+        f"done: {s['algorithm']} on {s['rounds']} rounds over {nodes} Flower node(s) — final "
+        f"{s['metric']} {s['final']:.4f}; bytes up {s['bytes_up']:,} down "
+        f"{s['bytes_down']:,}. Results in {directory}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lorafleet.errors import ConfigError
 
 __all__ = [
+    "ClientResources",
     "DataConfig",
     "DeviceProfile",
     "ExperimentConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "LoraSettings",
     "ModelConfig",
     "PartitionConfig",
+    "RaySettings",
     "SketchConfig",
     "SplitSettings",
     "TaskConfig",
@@ -281,6 +283,28 @@ class HSplitLoRASettings(_Section):
     )
 
 
+class ClientResources(_Section):
+    num_cpus: float = Field(
+        1.0, gt=0, description="CPUs per client; clients training at once = CPUs / this."
+    )
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per client (a fraction shares one GPU between clients)."
+    )
+
+
+class RaySettings(_Section):
+    address: str | None = Field(
+        None, description="runtime ray: a Ray cluster to join (`ray.init(address=...)`, e.g. "
+        "'auto' or 'HEAD:6379'); null starts a local Ray instance.",
+    )
+    device_num_cpus: float = Field(
+        0.0, ge=0, description="CPUs each device actor reserves (0: none, fits any machine).")
+    device_num_gpus: float = Field(
+        0.0, ge=0, description="GPUs (fractions allowed) each device actor reserves.")
+    server_num_cpus: float = Field(0.0, ge=0, description="CPUs the main-server actor reserves.")
+    server_num_gpus: float = Field(0.0, ge=0, description="GPUs the main-server actor reserves.")
+
+
 class ExperimentConfig(_Section):
     name: str = Field("demo", description="A label for the run (default run dir runs/<name>).")
     algorithm: str = Field(
@@ -289,7 +313,17 @@ class ExperimentConfig(_Section):
     rounds: int = Field(10, gt=0, description="Communication rounds.")
     seed: int = Field(0, ge=0, description="One seed fixes data split, sketches and training.")
     num_clients: int = Field(10, gt=0, description="Clients in the fleet.")
-    runtime: Literal["local"] = Field("local", description="Where the run executes.")
+    runtime: Literal["local", "flower-sim"] = Field(
+        "local",
+        description="Where the run executes: local (this process, one shared base model, "
+        "clients one after another) or flower-sim (Flower's Simulation Engine on Ray: a "
+        "ServerApp in this process, one ClientApp per client on Ray actors with "
+        "`client_resources`; federated algorithms only, same seed gives the same adapter).",
+    )
+    client_resources: ClientResources = Field(
+        default_factory=ClientResources,
+        description="flower-sim: the Ray resources each simulated client claims.",
+    )
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -301,6 +335,7 @@ class ExperimentConfig(_Section):
     hetlora: HetLoRASettings = Field(default_factory=HetLoRASettings)
     split: SplitSettings = Field(default_factory=SplitSettings)
     hsplitlora: HSplitLoRASettings = Field(default_factory=HSplitLoRASettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
 
     @model_validator(mode="after")
     def _cross_check(self) -> ExperimentConfig:

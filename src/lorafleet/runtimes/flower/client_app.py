@@ -1,0 +1,98 @@
+"""The Flower ClientApp: one lorafleet client per node, training with the local runtime's code.
+
+A node is client ``partition-id`` of the fleet (``node_config``: set by the Simulation Engine,
+or ``flower-supernode --node-config "partition-id=3"`` in a deployment). Each train message
+carries the resolved experiment config; the node builds the experiment (data, partition,
+base model) once per process and keeps it, since Flower creates the ClientApp afresh for
+every message. Training is :func:`lorafleet.runtimes.session.train_client`, the function the
+local runtime calls, so a client's update is the same wherever it trains.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import yaml
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from lorafleet.config import validate_config
+from lorafleet.experiment import Experiment, build_experiment
+from lorafleet.runtimes.flower.wire import (
+    failure_record,
+    read_payload,
+    update_record,
+)
+from lorafleet.runtimes.session import CLIENT_ERRORS, failure_reason, make_trainer, train_client
+
+__all__ = ["SPLIT_REFUSAL", "app", "client_experiment", "partition_of", "train_reply"]
+
+log = logging.getLogger("lorafleet")
+
+PARTITION_ID = "partition-id"
+SPLIT_REFUSAL = ("{name} is split learning, which does not run on Flower (a ClientApp is "
+                 "recreated per message and idle SuperNodes poll every 3 s, far too slow for "
+                 "per-step activations): split learning belongs on Ray or the local runtime")
+
+
+@functools.lru_cache(maxsize=1)
+def client_experiment(experiment_yaml: str) -> Experiment:
+    """The experiment a resolved config describes, built once per process (the last one
+    is kept: Flower recreates the ClientApp for every message)."""
+    return build_experiment(validate_config(yaml.safe_load(experiment_yaml) or {}))
+
+
+def partition_of(context: Context) -> int:
+    """The fleet client id this node plays (``node_config["partition-id"]``)."""
+    if PARTITION_ID not in context.node_config:
+        raise ValueError(f"this node has no {PARTITION_ID!r} in its node config; start it with "
+                         f"flower-supernode --node-config \"{PARTITION_ID}=<client id>\"")
+    return int(context.node_config[PARTITION_ID])
+
+
+def train_reply(content: RecordDict, partition_id: int) -> RecordDict:
+    """Train the payload in ``content`` as client ``partition_id``; the reply's content.
+
+    A failure the local runtime would drop the client for becomes a failure reply; a
+    message meant for another client or a split-learning experiment is refused the same way.
+    """
+    order = read_payload(content)
+    if order.client != partition_id:
+        return failure_record(f"client failed: a payload for client {order.client} reached "
+                              f"the node of client {partition_id}")
+    exp = client_experiment(order.experiment)
+    if exp.algorithm.split_learning:
+        return failure_record("client failed: " + SPLIT_REFUSAL.format(name=exp.cfg.algorithm))
+    if not 0 <= partition_id < len(exp.clients):
+        return failure_record(f"client failed: partition-id {partition_id} is not a client of "
+                              f"this fleet (0..{len(exp.clients) - 1})")
+    trainer = make_trainer(exp, order.payload)
+    try:
+        if exp.algorithm.merges_into_base:  # the server's merged update, as in the local runtime
+            exp.model.set_base_delta(order.base_delta)
+        result, tokens = train_client(exp, trainer, order.payload, partition_id, order.round)
+    except CLIENT_ERRORS as err:
+        log.warning("client %d failed in round %d: %s", partition_id, order.round, err)
+        return failure_record(failure_reason(err))
+    return update_record(result, tokens)
+
+
+def query_reply(partition_id: int) -> RecordDict:
+    """The reply to the server's roll call: which client this node is."""
+    return RecordDict({"node": ConfigRecord({PARTITION_ID: partition_id})})
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the message's payload as this node's client."""
+    return Message(train_reply(msg.content, partition_of(context)), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which client this node is."""
+    return Message(query_reply(partition_of(context)), reply_to=msg)

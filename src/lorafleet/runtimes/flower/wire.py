@@ -1,0 +1,180 @@
+"""Payloads and updates as Flower records, and back.
+
+Tensors cross as Flower ``Array``s (numpy's ``.npy`` format, loaded with
+``allow_pickle=False``); everything else as ``ConfigRecord`` scalars and JSON strings.
+Nothing is pickled. The server's message to a client:
+
+- ``ArrayRecord "payload"``: the payload's tensors (FSLoRA: the client's own slices);
+- ``ArrayRecord "base_delta"``: for algorithms that merge into the base, the cumulative
+  merged update per module (m, n) that the client's base must carry;
+- ``ConfigRecord "lorafleet"``: ``round``, ``client``, ``ranks``/``scaling``/``config``
+  (JSON; JSON floats round-trip exactly) and ``experiment`` (the resolved config as YAML,
+  so every node builds the same experiment).
+
+The byte ledger counts what the algorithm says it sends, as in the local runtime (FLoRA:
+the previous round's stacked factors); ``base_delta`` (m n values per module) travels on top
+of that, so that a node that skipped rounds, or a fresh Ray actor, still trains on the right
+base.
+
+A client's reply: ``ArrayRecord "update"`` (the update's tensors) and ``MetricRecord
+"metrics"`` (``loss``, ``steps``, ``tokens``, ...), or ``ConfigRecord "failure"``
+(``reason``) when its training failed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from lorafleet.algorithms.base import ClientResult, Payload, Tensors
+from lorafleet.errors import UpdateRejected
+
+__all__ = [
+    "ClientReply",
+    "TrainOrder",
+    "failure_record",
+    "payload_record",
+    "read_payload",
+    "read_reply",
+    "records_to_tensors",
+    "update_record",
+]
+
+PAYLOAD, BASE_DELTA, META = "payload", "base_delta", "lorafleet"
+UPDATE, METRICS, FAILURE = "update", "metrics", "failure"
+
+
+def _tensors_record(tensors: Tensors) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().contiguous() for k, v in tensors.items()})
+
+
+def records_to_tensors(record: ArrayRecord, client: int) -> Tensors:
+    """The arrays of ``record`` as torch tensors (dtype and shape kept as they came).
+
+    Raises:
+        UpdateRejected: an array that is not a plain numeric numpy array.
+    """
+    out: Tensors = {}
+    for key, array in record.items():
+        try:
+            out[key] = torch.from_numpy(array.numpy())
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise UpdateRejected(client, f"{key} is not a numeric array "
+                                 f"({type(err).__name__}: {err})".splitlines()[0]) from None
+    return out
+
+
+@dataclass
+class TrainOrder:
+    """What a client reads from the server's message: train ``payload`` as ``client``."""
+
+    round: int
+    client: int
+    payload: Payload
+    base_delta: Tensors
+    experiment: str
+
+
+def payload_record(payload: Payload, *, round: int, client: int, experiment: str,
+                   base_delta: Tensors | None = None) -> RecordDict:
+    """The server's train message content for one client (``payload.extra`` stays home:
+    remote clients get the merged base update in ``base_delta`` instead)."""
+    meta = ConfigRecord({
+        "round": int(round),
+        "client": int(client),
+        "ranks": json.dumps(payload.ranks),
+        "scaling": json.dumps(payload.scaling),
+        "config": json.dumps(payload.config),
+        "experiment": experiment,
+    })
+    content = RecordDict({PAYLOAD: _tensors_record(payload.tensors), META: meta})
+    if base_delta:
+        content[BASE_DELTA] = _tensors_record(base_delta)
+    return content
+
+
+def read_payload(content: RecordDict) -> TrainOrder:
+    """The :class:`TrainOrder` a :func:`payload_record` carries."""
+    meta = content[META]
+    if not isinstance(meta, ConfigRecord):
+        raise ValueError(f"the message's {META!r} record is not a ConfigRecord")
+    client = int(meta["client"])  # type: ignore[arg-type]
+    tensors = records_to_tensors(_array_record(content, PAYLOAD), client)
+    base_delta = (records_to_tensors(_array_record(content, BASE_DELTA), client)
+                  if BASE_DELTA in content else {})
+    payload = Payload(
+        tensors=tensors,
+        ranks={k: int(v) for k, v in json.loads(str(meta["ranks"])).items()},
+        scaling={k: float(v) for k, v in json.loads(str(meta["scaling"])).items()},
+        config=dict(json.loads(str(meta["config"]))),
+    )
+    return TrainOrder(round=int(meta["round"]),  # type: ignore[arg-type]
+                      client=client, payload=payload, base_delta=base_delta,
+                      experiment=str(meta["experiment"]))
+
+
+def _array_record(content: RecordDict, key: str) -> ArrayRecord:
+    record = content[key]
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"the message's {key!r} record is not an ArrayRecord")
+    return record
+
+
+def update_record(result: ClientResult, tokens: int) -> RecordDict:
+    """A client's reply content: its update's tensors and metrics."""
+    metrics: dict[str, Any] = {k: float(v) for k, v in result.metrics.items()}
+    metrics["tokens"] = int(tokens)
+    return RecordDict({UPDATE: _tensors_record(result.tensors),
+                       METRICS: MetricRecord(metrics)})
+
+
+def failure_record(reason: str) -> RecordDict:
+    """A client's reply content when its training failed (``reason``: one line)."""
+    return RecordDict({FAILURE: ConfigRecord({"reason": reason})})
+
+
+@dataclass
+class ClientReply:
+    """A client's reply as the server reads it: a result, or why there is none."""
+
+    result: ClientResult | None
+    tokens: int
+    failure: str | None
+    bytes_up: int
+
+
+def read_reply(content: RecordDict, client: int) -> ClientReply:
+    """Read a reply's content (see :func:`update_record`, :func:`failure_record`).
+
+    Raises:
+        UpdateRejected: arrays that are not numeric, or a reply without an update.
+    """
+    if FAILURE in content:
+        failure = content[FAILURE]
+        reason = failure["reason"] if isinstance(failure, ConfigRecord) else "no reason given"
+        return ClientReply(result=None, tokens=0, failure=str(reason), bytes_up=0)
+    if UPDATE not in content or not isinstance(content[UPDATE], ArrayRecord):
+        raise UpdateRejected(client, f"the reply holds no {UPDATE!r} ArrayRecord")
+    record = _array_record(content, UPDATE)
+    tensors = records_to_tensors(record, client)
+    metrics_record = content[METRICS] if METRICS in content else MetricRecord()
+    metrics: dict[str, float] = {}
+    tokens = 0
+    if isinstance(metrics_record, MetricRecord):
+        for key, value in metrics_record.items():
+            if key == "tokens":
+                if not isinstance(value, int) or value < 0:
+                    raise UpdateRejected(client, f"tokens is {value!r}, not a count")
+                tokens = value
+            elif isinstance(value, int | float):
+                metrics[key] = float(value)
+    # num_examples is the server's to know (a client could inflate its weight): 0 here,
+    # the strategy sets it from the fleet.
+    return ClientReply(
+        result=ClientResult(tensors=tensors, num_examples=0, metrics=metrics),
+        tokens=tokens, failure=None, bytes_up=sum(len(a.data) for a in record.values()),
+    )

@@ -1,0 +1,502 @@
+"""The server side of a federated run and the client step, shared by every runtime.
+
+A runtime opens a :class:`FederatedSession` (build the experiment, start or resume the run
+directory, evaluate the initial model), and then per round:
+
+1. :meth:`FederatedSession.begin_round`: the sampled clients and the availability draws;
+2. :meth:`FederatedSession.dispatch` per available client: the algorithm's payload;
+3. the client trains with :func:`train_client`, in this process (local runtime) or on a
+   Flower node, and its result comes back however the runtime moves it;
+4. :meth:`FederatedSession.settle` (byte ledger, validation, simulated clock) or
+   :meth:`FederatedSession.drop` (a client that failed) per client, in client order;
+5. :meth:`FederatedSession.end_round`: aggregate, evaluate, metrics row, checkpoint;
+
+and finally :meth:`FederatedSession.finish` exports the model and writes summary.json.
+Since every runtime calls this same code, the same config and seed give the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from lorafleet.algorithms.base import Batch, ClientInfo, ClientResult, Payload, ServerState
+from lorafleet.checkpoint import load_checkpoint, save_checkpoint
+from lorafleet.config import ExperimentConfig
+from lorafleet.data.partition import render_partition_table
+from lorafleet.errors import LorafleetError, UpdateRejected
+from lorafleet.experiment import (
+    Experiment,
+    build_experiment,
+    check_config,
+    client_batches,
+    derive_seed,
+    sample_clients,
+)
+from lorafleet.metrics import CommLedger, SimulatedClock, tensor_bytes, train_flops
+from lorafleet.models.adapters import PeftClientTrainer
+from lorafleet.models.split_training import SplitClientTrainer
+from lorafleet.rundir import RunDir
+from lorafleet.runtimes.validation import validate_update
+
+__all__ = [
+    "BYTES_PER_VALUE",
+    "CLIENT_ERRORS",
+    "RESUME_MAY_CHANGE",
+    "Dispatch",
+    "FederatedSession",
+    "RoundTally",
+    "RunResult",
+    "evaluate_global",
+    "failure_reason",
+    "make_trainer",
+    "train_client",
+]
+
+log = logging.getLogger("lorafleet")
+
+BYTES_PER_VALUE = 4  # float32 on the wire
+
+# Config fields a resumed run may change: none of them changes what the rounds compute.
+RESUME_MAY_CHANGE = ("rounds", "runtime", "client_resources")
+
+# What a failing client raises (out of memory, a bad batch, a missing file): the client is
+# dropped from the round and the others aggregate.
+CLIENT_ERRORS: tuple[type[Exception], ...] = (RuntimeError, ValueError, KeyError, OSError)
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports back to the caller (also in summary.json)."""
+
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate_global(exp: Experiment, state: ServerState, *, final: bool = True
+                    ) -> dict[str, float]:
+    """Evaluate the global model that ``state`` describes on the held-out split.
+
+    ``final=False`` marks an intermediate evaluation: with ``task.generation_eval: final``
+    it skips decoding.
+    """
+    ga = exp.algorithm.global_adapter(state)
+    exp.model.set_global(ga.tensors, ga.scaling, ga.base_delta)
+    decode = final or exp.cfg.task.generation_eval == "every"
+    return exp.task.evaluate(exp.model.peft, exp.eval_items, exp.cfg.task.eval_batch_size,
+                             decode=decode)
+
+
+def failure_reason(err: BaseException) -> str:
+    """The one-line reason a failed client is dropped with."""
+    return f"client failed: {type(err).__name__}: {err}".splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- client side
+def make_trainer(exp: Experiment, payload: Payload,
+                 on_step: Callable[[int, float], None] | None = None
+                 ) -> PeftClientTrainer | SplitClientTrainer:
+    """The trainer a client of ``exp`` trains ``payload`` with (split or PEFT)."""
+    tc = exp.cfg.train
+    if exp.algorithm.split_learning:
+        return SplitClientTrainer(
+            exp.model, exp.task.loss, split_point=int(payload.config["split_point"]),
+            labels=exp.cfg.split.labels,
+            probe_importance=bool(payload.config.get("probe_importance", False)),
+            lr=tc.lr, optimizer=tc.optimizer, weight_decay=tc.weight_decay,
+            grad_clip=tc.grad_clip, on_step=on_step,
+        )
+    return PeftClientTrainer(
+        exp.model, exp.task.loss, lr=tc.lr, optimizer=tc.optimizer,
+        weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, on_step=on_step,
+    )
+
+
+def _counted(batches: Iterator[Batch], counter: list[int]) -> Iterator[Batch]:
+    for batch in batches:
+        counter[0] += int(batch["attention_mask"].sum())
+        yield batch
+
+
+def train_client(
+    exp: Experiment,
+    trainer: PeftClientTrainer | SplitClientTrainer,
+    payload: Payload,
+    client: int,
+    round: int,
+) -> tuple[ClientResult, int]:
+    """Client ``client``'s local training in ``round``, wherever it runs.
+
+    Its batches and the torch seed are pure functions of (seed, round, client), so the
+    result does not depend on the process or on which clients trained before.
+
+    Returns:
+        The algorithm's client result (``num_examples`` set) and the tokens trained on.
+
+    Raises:
+        One of :data:`CLIENT_ERRORS` when training fails.
+    """
+    cfg = exp.cfg
+    tokens = [0]
+    batches = _counted(client_batches(
+        exp.task, exp.train_items, exp.parts[client], batch_size=cfg.train.batch_size,
+        steps=exp.steps_per_round, seed=derive_seed(cfg.seed, "batches", round, client),
+    ), tokens)
+    torch.manual_seed(derive_seed(cfg.seed, "train", round, client))
+    result = exp.algorithm.client_update(trainer, payload, batches)
+    result.num_examples = exp.clients[client].num_examples
+    return result, tokens[0]
+
+
+# ----------------------------------------------------------------------------- server side
+@dataclass
+class Dispatch:
+    """A payload sent to one client, kept (without its tensors) until the client is settled.
+
+    Attributes:
+        client: the client.
+        payload: the payload's ranks, scaling and config (what ``aggregate`` may read).
+        bytes_down: the payload's bytes on the wire (trained and extra tensors).
+        expected: the shapes a valid update has.
+        trainable: values the client trains (for the FLOP estimate).
+    """
+
+    client: ClientInfo
+    payload: Payload
+    bytes_down: int
+    expected: dict[str, tuple[int, ...]]
+    trainable: int
+
+
+@dataclass
+class RoundTally:
+    """What one round has collected so far."""
+
+    round: int
+    sampled: list[int]
+    available: list[int]
+    accepted: list[tuple[ClientInfo, Payload, ClientResult]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+class FederatedSession:
+    """The server side of one run: experiment, state, byte ledger, clock and run directory.
+
+    Open it with :meth:`open`; the rounds left are ``range(session.start, cfg.rounds + 1)``.
+    """
+
+    def __init__(self, exp: Experiment, run: RunDir, state: ServerState, *, start: int,
+                 ledger: CommLedger, clock: SimulatedClock, rows: list[dict[str, Any]],
+                 wall_before: float, t_start: float) -> None:
+        self.exp = exp
+        self.run = run
+        self.state = state
+        self.start = start
+        self.ledger = ledger
+        self.clock = clock
+        self.rows = rows
+        self._wall_before = wall_before
+        self._t_start = t_start
+
+    @property
+    def cfg(self) -> ExperimentConfig:
+        return self.exp.cfg
+
+    @classmethod
+    def open(cls, cfg: ExperimentConfig | None, out: Path, *, resume: bool = False,
+             console: Console | None = None, progress: bool = False) -> FederatedSession:
+        """Build the experiment and start (or resume) the run in ``out``.
+
+        A new run writes config.yaml, partition.json and the initial model's evaluation
+        (round 0). With ``resume`` the run continues after its last checkpoint; ``cfg`` may
+        then be None (the stored config is used) and may differ from the stored one only in
+        :data:`RESUME_MAY_CHANGE` (a run started locally may finish on Flower).
+
+        Raises:
+            LorafleetError: a bad config, nothing to resume, or an earlier run in ``out``.
+        """
+        console = console or Console(stderr=True)
+        run = RunDir(out)
+        ckpt = None
+        if resume and run.holds_run():
+            stored = run.stored_config()
+            if cfg is None:
+                cfg = stored
+            elif cfg.model_copy(update={k: getattr(stored, k) for k in RESUME_MAY_CHANGE}
+                                ) != stored:
+                allowed = ", ".join(f"`{k}`" for k in RESUME_MAY_CHANGE)
+                raise LorafleetError(
+                    f"the config differs from the one stored in {run.config_path}; resume "
+                    f"with the same config (only {allowed} may change)"
+                )
+            ckpt = load_checkpoint(run.checkpoint_dir)
+        if cfg is None:
+            raise LorafleetError(f"nothing to resume in {out}; give a CONFIG to start a new run")
+        check_config(cfg)
+        if ckpt is None and not resume and run.holds_run():
+            run.prepare_new(cfg)  # refuses, before the slow build
+        t_start = time.perf_counter()
+        # Build first: a config the model or fleet refuses leaves no half-started run behind.
+        exp = build_experiment(cfg)
+        if ckpt is None:
+            if resume and run.holds_run():
+                # Killed before the first checkpoint: nothing finished, start over.
+                run.metrics_path.unlink(missing_ok=True)
+                run.summary_path.unlink(missing_ok=True)
+            run.prepare_new(cfg)
+        else:
+            run.config_path.write_text(cfg.to_yaml())
+        if progress:
+            console.print(render_partition_table(exp.partition, exp.label_names))
+        run.write_json("partition.json", exp.partition)
+
+        algo = exp.algorithm
+        ledger, clock = CommLedger(), SimulatedClock()
+        if ckpt is not None:
+            state = ckpt.state
+            start = ckpt.round + 1
+            ledger.load_state_dict(ckpt.extra["ledger"])
+            clock.load_state_dict(ckpt.extra["clock"])
+            wall_before = float(ckpt.extra["wall_seconds"])
+            rows = run.truncate_metrics(ckpt.round)
+            if progress:
+                console.print(f"resuming {out} after round {ckpt.round}")
+        else:
+            state = algo.init_state()
+            start = 1
+            wall_before = 0.0
+            rows = []
+        if algo.merges_into_base:
+            exp.model.set_base_delta(algo.global_adapter(state).base_delta)
+        session = cls(exp, run, state, start=start, ledger=ledger, clock=clock, rows=rows,
+                      wall_before=wall_before, t_start=t_start)
+        if start == 1:
+            metric = exp.task.metric
+            base_eval = evaluate_global(exp, state)
+            row0: dict[str, Any] = {
+                "round": 0, "clients": [], "rejected": [], "loss": None, "bytes_up": 0,
+                "bytes_down": 0, "bytes_up_total": 0, "bytes_down_total": 0,
+                "sim_seconds": 0.0, "sim_seconds_total": 0.0, "wall_seconds": session.wall(),
+                **base_eval,
+            }
+            run.append_metrics(row0)
+            rows.append(row0)
+            if progress:
+                console.print(f"round 0 (initial model): {metric} {base_eval[metric]:.4f}")
+        return session
+
+    def wall(self) -> float:
+        """Wall seconds of the run so far (earlier sessions of a resumed run included)."""
+        return self._wall_before + time.perf_counter() - self._t_start
+
+    # ------------------------------------------------------------------------- one round
+    def begin_round(self, round: int) -> RoundTally:
+        """Sample the round's clients and draw who is reachable (seeded per round, client)."""
+        cfg = self.cfg
+        sampled = sample_clients(cfg.seed, round, len(self.exp.clients),
+                                 cfg.train.clients_per_round)
+        tally = RoundTally(round=round, sampled=sampled, available=[])
+        for cid in sampled:
+            avail = random.Random(derive_seed(cfg.seed, "avail", round, cid)).random()
+            if avail >= self.exp.profiles[cid].availability:
+                tally.rejected.append({"client": cid, "reason": "unavailable this round"})
+            else:
+                tally.available.append(cid)
+        return tally
+
+    def dispatch(self, tally: RoundTally, client: ClientInfo) -> tuple[Payload, Dispatch]:
+        """The algorithm's payload for ``client`` and what the server keeps of it."""
+        algo = self.exp.algorithm
+        payload = algo.plan(self.state, client, tally.round)
+        sent = Dispatch(
+            client=client,
+            # Keep what aggregate reads, not the payload's tensors: memory must not grow
+            # with the number of clients in a round (benchmarks/memory.py).
+            payload=payload.without_tensors(),
+            bytes_down=payload.nbytes(),
+            expected=algo.expected_update_shapes(payload),
+            trainable=sum(v.numel() for v in payload.tensors.values()),
+        )
+        return payload, sent
+
+    def drop(self, tally: RoundTally, sent: Dispatch, reason: str, *, bytes_up: int = 0
+             ) -> None:
+        """Leave a client that failed out of the round (its downlink still counts)."""
+        cid = sent.client.id
+        log.warning("client %d dropped from round %d (%s)", cid, tally.round, reason)
+        self.ledger.record(tally.round, cid, sent.bytes_down, bytes_up)
+        tally.rejected.append({"client": cid, "reason": reason})
+
+    def reject(self, tally: RoundTally, sent: Dispatch, err: UpdateRejected, *,
+               bytes_up: int) -> None:
+        """Leave out an update that failed validation (its traffic counts)."""
+        log.warning("%s", err)
+        self.ledger.record(tally.round, sent.client.id, sent.bytes_down, bytes_up)
+        tally.rejected.append({"client": sent.client.id, "reason": err.reason})
+
+    def settle(
+        self,
+        tally: RoundTally,
+        sent: Dispatch,
+        result: ClientResult,
+        *,
+        tokens: int,
+        bytes_down: int | None = None,
+        bytes_up: int | None = None,
+        seconds: Callable[[], float] | None = None,
+    ) -> bool:
+        """Count a client's traffic, validate its update, and accept it or leave it out.
+
+        Args:
+            tally: the round.
+            sent: what was dispatched to the client.
+            result: the client's result.
+            tokens: tokens it trained on (for the FLOP estimate).
+            bytes_down, bytes_up: traffic, when it is not the payload's and the update's
+                bytes (split learning: the device-side adapters only).
+            seconds: the client's simulated seconds, when they are not compute FLOPs over
+                its speed plus bytes over its bandwidth (split learning).
+
+        Returns:
+            Whether the update was accepted.
+        """
+        cid = sent.client.id
+        down = sent.bytes_down if bytes_down is None else bytes_down
+        up = tensor_bytes(result.tensors) if bytes_up is None else bytes_up
+        try:
+            validate_update(cid, result.tensors, sent.expected)
+        except UpdateRejected as err:
+            self.reject(tally, sent, err, bytes_up=up)
+            return False
+        self.ledger.record(tally.round, cid, down, up)
+        if seconds is not None:
+            tally.times.append(seconds())
+        else:
+            flops = train_flops(self.exp.model.num_base_params, tokens, sent.trainable)
+            tally.times.append(self.clock.client_time(self.exp.profiles[cid], flops, down, up))
+        tally.losses.append(result.metrics.get("loss", float("nan")))
+        tally.accepted.append((sent.client, sent.payload, result))
+        return True
+
+    def end_round(self, tally: RoundTally) -> dict[str, Any]:
+        """Aggregate the accepted updates, evaluate when due, write the metrics row and the
+        checkpoint; returns the row.
+
+        Raises:
+            LorafleetError: every sampled client failed (finished rounds are kept).
+        """
+        exp, algo, rnd = self.exp, self.exp.algorithm, tally.round
+        # Clients settle in whatever order their results arrive; rows list them by id.
+        rejected = sorted(tally.rejected, key=lambda r: int(r["client"]))
+        if not tally.accepted and len(rejected) == len(tally.sampled) and any(
+                r["reason"].startswith("client failed") for r in rejected):
+            raise LorafleetError(
+                f"every client of round {rnd} failed (first: {rejected[0]['reason']}); "
+                "finished rounds are kept, fix the cause and --resume"
+            )
+        self.state = algo.aggregate(self.state, tally.accepted, rnd)
+        if algo.merges_into_base:  # later rounds' clients train on the merged base
+            exp.model.set_base_delta(algo.global_adapter(self.state).base_delta)
+        down_r, up_r = self.ledger.round_totals(rnd)
+        down_t, up_t = self.ledger.totals()
+        sim = self.clock.advance_round(tally.times) if tally.times else 0.0
+        losses = tally.losses
+        row: dict[str, Any] = {
+            "round": rnd,
+            "clients": [c.id for c, _, _ in tally.accepted],
+            "rejected": rejected,
+            "loss": sum(losses) / len(losses) if losses else None,
+            "bytes_up": up_r, "bytes_down": down_r,
+            "bytes_up_total": up_t, "bytes_down_total": down_t,
+            "sim_seconds": sim, "sim_seconds_total": self.clock.elapsed,
+        }
+        if algo.split_learning:
+            row["bytes_activations"] = self.ledger.activation_bytes(rnd)
+            row["bytes_activations_total"] = self.ledger.activation_bytes()
+        if rnd % self.cfg.train.eval_every == 0 or rnd == self.cfg.rounds:
+            row.update(evaluate_global(exp, self.state, final=rnd == self.cfg.rounds))
+        row["wall_seconds"] = self.wall()
+        self.run.append_metrics(row)
+        self.rows.append(row)
+        save_checkpoint(self.run.checkpoint_dir, rnd, self.state, {
+            "ledger": self.ledger.state_dict(), "clock": self.clock.state_dict(),
+            "wall_seconds": row["wall_seconds"],
+        })
+        return row
+
+    # ------------------------------------------------------------------------- the end
+    def finish(self) -> dict[str, Any]:
+        """Export the final model (adapter/ or merged/) and write summary.json."""
+        exp, run, state, rows = self.exp, self.run, self.state, self.rows
+        cfg, task, algo = exp.cfg, exp.task, exp.algorithm
+        ga = algo.global_adapter(state)
+        exp.model.set_global(ga.tensors, ga.scaling, ga.base_delta)
+        if algo.merges_into_base:
+            exp.model.save_merged(run.merged_dir)
+            exact = algo.exact_adapter(state)
+            if exact is not None:
+                exp.model.save_exact_adapter(run.adapter_dir, exact)
+        else:
+            exp.model.save_adapter(run.adapter_dir)
+        metric = task.metric
+        evaluated = [r for r in rows if metric in r and r["round"] > 0]
+        if not evaluated:
+            raise LorafleetError("the run finished without an evaluation")
+        values = [float(r[metric]) for r in evaluated]
+        best = max(values) if task.higher_is_better else min(values)
+        base = next((float(r[metric]) for r in rows if r["round"] == 0 and metric in r), None)
+        down, up = self.ledger.totals()
+        clients: dict[str, dict[str, Any]] = {
+            str(c.id): {"rank": c.rank, "examples": c.num_examples,
+                        "profile": exp.profiles[c.id].name}
+            for c in exp.clients
+        }
+        split = exp.split
+        if split is not None:
+            for c in exp.clients:
+                s, ranks = algo.client_layout(state, c)  # type: ignore[attr-defined]
+                clients[str(c.id)].update({
+                    "split_point": s,
+                    "ranks": ranks,
+                    "memory_budget_bytes": int(split.budgets_bytes[c.id]),
+                    "memory_estimate_bytes": split.memory_bytes(
+                        s, {m: r for m, r in ranks.items() if r > 0}),
+                })
+        summary = {
+            "name": cfg.name,
+            "algorithm": cfg.algorithm,
+            "seed": cfg.seed,
+            "rounds": cfg.rounds,
+            "metric": metric,
+            "higher_is_better": task.higher_is_better,
+            "base": base,
+            "final": values[-1],
+            "best": best,
+            "bytes_up": up,
+            "bytes_down": down,
+            "bytes_per_value": BYTES_PER_VALUE,
+            "sim_seconds": self.clock.elapsed,
+            "wall_seconds": self.wall(),
+            "lora_rank": cfg.lora.rank,
+            "lora_alpha": cfg.lora.alpha,
+            "modules": {k: list(v) for k, v in exp.model.spec.modules.items()},
+            "dense_params": exp.model.spec.dense_values(),
+            "clients": clients,
+            "output": "merged" if algo.merges_into_base else "adapter",
+        }
+        if split is not None:
+            summary.update({"bytes_activations": self.ledger.activation_bytes(),
+                            "split_labels": cfg.split.labels,
+                            "num_layers": split.dims.num_layers})
+        run.write_json("summary.json", summary)
+        return summary
