@@ -313,12 +313,14 @@ class ExperimentConfig(_Section):
     rounds: int = Field(10, gt=0, description="Communication rounds.")
     seed: int = Field(0, ge=0, description="One seed fixes data split, sketches and training.")
     num_clients: int = Field(10, gt=0, description="Clients in the fleet.")
-    runtime: Literal["local", "flower-sim"] = Field(
+    runtime: Literal["local", "flower-sim", "ray"] = Field(
         "local",
         description="Where the run executes: local (this process, one shared base model, "
-        "clients one after another) or flower-sim (Flower's Simulation Engine on Ray: a "
+        "clients one after another), flower-sim (Flower's Simulation Engine on Ray: a "
         "ServerApp in this process, one ClientApp per client on Ray actors with "
-        "`client_resources`; federated algorithms only, same seed gives the same adapter).",
+        "`client_resources`; federated algorithms only, same seed gives the same adapter) or "
+        "ray (split algorithms only: one Ray actor per device and a main-server actor, "
+        "activations through Ray's object store; `ray.address` joins a cluster).",
     )
     client_resources: ClientResources = Field(
         default_factory=ClientResources,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -20,7 +21,7 @@ from lorafleet.algorithms.base import Payload
 from lorafleet.checkpoint import load_checkpoint
 from lorafleet.config import DeviceProfile, ExperimentConfig
 from lorafleet.errors import LorafleetError
-from lorafleet.experiment import Experiment, build_experiment
+from lorafleet.experiment import Experiment, build_experiment, derive_seed
 from lorafleet.metrics import SimulatedClock, tensor_bytes
 from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
@@ -61,9 +62,31 @@ def run_local(
     session = FederatedSession.open(cfg, out, resume=resume, console=console,
                                     progress=progress)
     exp = session.exp
+    workers = None
+    if exp.cfg.runtime == "ray":
+        if not exp.algorithm.split_learning:
+            raise LorafleetError(f"runtime ray runs the split family (hsplitlora, splitlora, "
+                                 f"hetlora-split); run {exp.cfg.algorithm} with runtime local "
+                                 "or flower-sim")
+        from lorafleet.runtimes.ray_split import RaySplitWorkers
+
+        workers = RaySplitWorkers(exp.cfg, address=exp.cfg.ray.address)
+    try:
+        return _rounds(session, console, progress, stop_after, workers)
+    finally:
+        if workers is not None:
+            workers.shutdown()
+
+
+def _rounds(session: FederatedSession, console: Console, progress: bool,
+            stop_after: int | None, workers: Any) -> RunResult:
+    exp = session.exp
     rounds, metric = exp.cfg.rounds, exp.task.metric
+    merged = workers is not None and exp.algorithm.merges_into_base
     with RunProgress(console, rounds, progress, done=session.start - 1) as bars:
         for rnd in range(session.start, rounds + 1):
+            if merged:  # the actors train on the merged base, as the local model does
+                workers.set_base_delta(exp.algorithm.global_adapter(session.state).base_delta)
             tally = session.begin_round(rnd)
             bars.start_round(rnd, len(tally.sampled),
                              done=len(tally.sampled) - len(tally.available))
@@ -71,7 +94,8 @@ def run_local(
                 client = exp.clients[cid]
                 payload, sent = session.dispatch(tally, client)
                 on_step = functools.partial(bars.step, rnd, client, steps=exp.steps_per_round)
-                trainer = make_trainer(exp, payload, on_step)
+                trainer: Any = (make_trainer(exp, payload, on_step) if workers is None
+                                else _ray_trainer(exp, workers, payload, cid, rnd, on_step))
                 try:
                     result, tokens = train_client(exp, trainer, payload, cid, rnd)
                 except CLIENT_ERRORS as err:
@@ -79,7 +103,7 @@ def run_local(
                     session.drop(tally, sent, failure_reason(err))
                     bars.client_done()
                     continue
-                if isinstance(trainer, SplitClientTrainer):
+                if exp.algorithm.split_learning:
                     # Only the device's adapters cross its link; the server's per-client
                     # adapters stay with the (main and fed) server.
                     down = tensor_bytes(trainer.device_side(payload.tensors)) + tensor_bytes(
@@ -99,6 +123,20 @@ def run_local(
             if stop_after is not None and rnd >= stop_after and rnd < rounds:
                 return RunResult(summary={}, metrics=session.rows)
     return RunResult(summary=session.finish(), metrics=session.rows)
+
+
+def _ray_trainer(exp: Experiment, workers: Any, payload: Payload, client: int, rnd: int,
+                 on_step: Any) -> Any:
+    """The client's split trainer on Ray actors (seeded as :func:`train_client` seeds)."""
+    from lorafleet.runtimes.ray_split import RaySplitTrainer
+
+    tc = exp.cfg.train
+    return RaySplitTrainer(
+        workers, client, seed=derive_seed(exp.cfg.seed, "train", rnd, client),
+        split_point=int(payload.config["split_point"]), labels=exp.cfg.split.labels,
+        probe_importance=bool(payload.config.get("probe_importance", False)), lr=tc.lr,
+        optimizer=tc.optimizer, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
+        on_step=on_step)
 
 
 def _split_client_time(exp: Experiment, clock: SimulatedClock, profile: DeviceProfile,

@@ -1,0 +1,324 @@
+"""Split learning on Ray: one actor per device and one main-server actor (DESIGN.md s6).
+
+The fed server (the driver: the same round loop, planning, aggregation, checkpoints as the
+local runtime) trains each split client through :class:`RaySplitTrainer`, a
+:class:`~lorafleet.algorithms.base.ClientTrainer` whose two halves live in Ray actors:
+
+- a :class:`DeviceActor` per client holds its own copy of the model and runs
+  :class:`~lorafleet.models.split_training.DeviceSide` (embeddings + layers [0, s));
+- one :class:`ServerActor` runs :class:`~lorafleet.models.split_training.ServerSide`
+  (layers [s, L), the head, the client's server-side adapters).
+
+Per step the activations go device -> server and the gradient server -> device as Ray
+object references passed from actor to actor (through the object store, never through the
+driver); only the loss comes back to the driver. Everything that crosses a process is a
+``dict[str, Tensor]``, a float or a small JSON-like dict. Each actor seeds torch from the
+round's training seed, so a model without dropout trains bit for bit what the local split
+runtime trains (with dropout, each process draws its own masks).
+
+Clients train one after another (the server actor holds one client's server-side adapters
+at a time, like the local runtime). For algorithms that merge into the base (HSplitLoRA)
+the driver puts the merged update in the object store after every aggregation and each
+actor applies it before its next round (the byte ledger counts what the algorithm models:
+the stacked factors of the device's layers). A device actor that dies is dropped from that round
+(the driver logs it and the round aggregates the others) and started again the next time
+its client is sampled; nothing already aggregated is lost.
+
+``ray.init(address=...)`` joins an existing cluster (``ray start --head`` on one machine,
+``ray start --address HEAD:6379`` on the others); without an address a local Ray instance
+is started. Resources per actor come from the ``ray`` config section.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from lorafleet.algorithms.base import Batch, Tensors
+from lorafleet.config import ExperimentConfig
+from lorafleet.errors import LorafleetError
+from lorafleet.models.split_training import DeviceSide, ServerSide, SplitStats, _Side, on_device
+
+__all__ = ["DeviceActor", "RaySplitTrainer", "RaySplitWorkers", "ServerActor"]
+
+log = logging.getLogger("lorafleet")
+
+
+class _SideHost:
+    """An actor's body: the experiment's model built once, one side trained at a time."""
+
+    side_class: type[_Side] = _Side
+
+    def __init__(self, config_yaml: str, threads: int | None) -> None:
+        import yaml
+
+        from lorafleet.config import validate_config
+        from lorafleet.experiment import build_experiment
+
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = validate_config(yaml.safe_load(config_yaml))
+        self.exp = build_experiment(cfg)
+        self.side: Any = None
+
+    def set_base_delta(self, deltas: Tensors) -> None:
+        """W = W0 + delta for the merged-into-base algorithms (the fed server's model)."""
+        self.exp.model.set_base_delta(deltas)
+
+    def begin(self, tensors: Tensors, ranks: dict[str, int], scaling: dict[str, float],
+              options: dict[str, Any], seed: int) -> None:
+        torch.manual_seed(seed)
+        model = self.exp.model
+        for p in model.peft.parameters():
+            p.requires_grad_(False)
+        self.side = self.side_class(model, self.exp.task.loss, **options)
+        self.side.begin(tensors, ranks, scaling)
+        self.side.ready()
+        model.peft.train()
+
+    def probe(self, on: bool) -> None:
+        self.side.probe(on)
+
+    def step(self) -> None:
+        self.side.step()
+
+    def end(self) -> tuple[Tensors, dict[str, float]]:
+        self.exp.model.peft.eval()
+        return self.side.end()  # type: ignore[no-any-return]
+
+
+class _DeviceHost(_SideHost):
+    side_class = DeviceSide
+
+    def forward(self, inputs: Tensors, send_labels: bool) -> Tensors:
+        return self.side.forward(inputs, send_labels)  # type: ignore[no-any-return]
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: Tensors
+                         ) -> tuple[float, torch.Tensor]:
+        return self.side.loss_from_logits(logits, batch)  # type: ignore[no-any-return]
+
+    def backward(self, grad: torch.Tensor) -> None:
+        self.side.backward(grad)
+
+    def stats(self) -> dict[str, Any]:
+        s: SplitStats = self.side.stats
+        return {"shapes": s.shapes, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down}
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+class _ServerHost(_SideHost):
+    side_class = ServerSide
+
+    def loss_step(self, wire: Tensors, labels: Tensors) -> tuple[float, torch.Tensor]:
+        return self.side.loss_step(wire, labels)  # type: ignore[no-any-return]
+
+    def forward(self, wire: Tensors) -> torch.Tensor:
+        return self.side.forward(wire)  # type: ignore[no-any-return]
+
+    def backward(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        return self.side.backward(grad_logits)  # type: ignore[no-any-return]
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise LorafleetError("runtime 'ray' needs Ray: pip install 'lorafleet[flower]' "
+                             "(ray==2.55.1)") from None
+    return ray
+
+
+DeviceActor: Any = None
+ServerActor: Any = None
+
+
+def _actor_classes() -> tuple[Any, Any]:
+    global DeviceActor, ServerActor
+    if DeviceActor is None:
+        ray = _ray()
+        DeviceActor = ray.remote(_DeviceHost)
+        ServerActor = ray.remote(_ServerHost)
+    return DeviceActor, ServerActor
+
+
+class RaySplitWorkers:
+    """The run's Ray actors: started on first use, device actors restarted after a death.
+
+    Args:
+        cfg: the experiment (every actor builds it once; data and model load per actor).
+        address: a Ray cluster to join (``ray.init(address=...)``), or None for local Ray.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, address: str | None = None) -> None:
+        ray = _ray()
+        self.cfg = cfg
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        self._yaml = cfg.to_yaml()
+        self._devices: dict[int, Any] = {}
+        self._server: Any = None
+        self._delta: Any = None  # object ref of the merged base update, if any
+        self._delta_version = 0
+        self._seen: dict[Any, int] = {}  # actor -> delta version it holds
+
+    def set_base_delta(self, deltas: Tensors) -> None:
+        """The fed server's merged base update (algorithms that merge into the base): every
+        actor applies it before its next round (put in the object store once)."""
+        self._delta = _ray().put(dict(deltas))
+        self._delta_version += 1
+
+    def synced(self, actor: Any) -> Any:
+        """``actor``, after making sure it holds the latest merged base update."""
+        if self._delta is not None and self._seen.get(actor) != self._delta_version:
+            _ray().get(actor.set_base_delta.remote(self._delta))
+            self._seen[actor] = self._delta_version
+        return actor
+
+    def _options(self, cpus: float, gpus: float) -> dict[str, Any]:
+        return {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 0}
+
+    def device(self, client: int) -> Any:
+        """The actor of ``client`` (started now if it is not running)."""
+        if client not in self._devices:
+            device_cls, _ = _actor_classes()
+            rc = self.cfg.ray
+            self._devices[client] = device_cls.options(
+                **self._options(rc.device_num_cpus, rc.device_num_gpus),
+                name=None).remote(self._yaml, self.cfg.threads)
+        return self._devices[client]
+
+    def server(self) -> Any:
+        """The main-server actor (started now if it is not running)."""
+        if self._server is None:
+            _, server_cls = _actor_classes()
+            rc = self.cfg.ray
+            self._server = server_cls.options(
+                **self._options(rc.server_num_cpus, rc.server_num_gpus)).remote(
+                self._yaml, self.cfg.threads)
+        return self._server
+
+    def forget(self, client: int | None) -> None:
+        """Drop a dead actor (the device's, or the server's with None); the next use
+        starts a new one."""
+        actor = self._server if client is None else self._devices.get(client)
+        self._seen.pop(actor, None)
+        if client is None:
+            self._server = None
+        else:
+            self._devices.pop(client, None)
+
+    def shutdown(self) -> None:
+        """Stop every actor this run started."""
+        ray = _ray()
+        for actor in [*self._devices.values(), self._server]:
+            if actor is not None:
+                ray.kill(actor)
+        self._devices.clear()
+        self._server = None
+        self._seen.clear()
+
+
+class RaySplitTrainer:
+    """Trains one split client across its device actor and the server actor.
+
+    The same interface and results as
+    :class:`~lorafleet.models.split_training.SplitClientTrainer` (``train``, ``stats``,
+    ``device_side``, ``split_point``).
+
+    Raises:
+        RuntimeError: an actor died or failed during the round (the runtime drops the
+            client from the round; the dead actor is replaced next time).
+    """
+
+    def __init__(self, workers: RaySplitWorkers, client: int, *, seed: int, split_point: int,
+                 labels: Literal["server", "device"] = "server",
+                 probe_importance: bool = False, lr: float, optimizer: str = "adamw",
+                 weight_decay: float = 0.0, grad_clip: float | None = None,
+                 on_step: Any = None) -> None:
+        self.workers = workers
+        self.client = client
+        self.seed = seed
+        self.split_point = split_point
+        self.labels: Literal["server", "device"] = labels
+        self.on_step = on_step
+        self.options = {"split_point": split_point, "lr": lr, "optimizer": optimizer,
+                        "weight_decay": weight_decay, "grad_clip": grad_clip,
+                        "probe_importance": probe_importance}
+        self.stats = SplitStats()
+
+    def device_side(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+        """The tensors of ``tensors`` that live on the device (LoRA factors of layers < s)."""
+        return {k: v for k, v in tensors.items() if on_device(k, self.split_point)}
+
+    def train(self, tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
+              scaling: Mapping[str, float], batches: Iterable[Batch]
+              ) -> tuple[Tensors, dict[str, float]]:
+        """One round of split training on the actors; see the module doc."""
+        ray = _ray()
+        try:
+            return self._train(ray, tensors, ranks, scaling, batches)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                ray.exceptions.ActorUnavailableError) as err:
+            dead = getattr(err, "actor_id", None)
+            server = self.workers._server
+            if server is not None and dead is not None and \
+                    getattr(server, "_actor_id", None) is not None and \
+                    server._actor_id.hex() == getattr(dead, "hex", lambda: dead)():
+                self.workers.forget(None)
+            else:
+                self.workers.forget(self.client)
+            log.warning("client %d: a Ray actor died during its round (%s); dropped from "
+                        "this round, restarted when next sampled", self.client,
+                        type(err).__name__)
+            raise RuntimeError(f"Ray actor died: {type(err).__name__}") from None
+        except ray.exceptions.RayTaskError as err:
+            raise RuntimeError(f"Ray task failed: {str(err).splitlines()[0]}") from None
+
+    def _train(self, ray: Any, tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
+               scaling: Mapping[str, float], batches: Iterable[Batch]
+               ) -> tuple[Tensors, dict[str, float]]:
+        device = self.workers.synced(self.workers.device(self.client))
+        server = self.workers.synced(self.workers.server())
+        own = self.device_side(tensors)
+        rest = {k: v for k, v in tensors.items() if k not in own}
+        ray.get([device.begin.remote(own, dict(ranks), dict(scaling), self.options, self.seed),
+                 server.begin.remote(rest, dict(ranks), dict(scaling), self.options,
+                                     self.seed)])
+        losses: list[float] = []
+        for step, batch in enumerate(batches):
+            device.probe.remote(step == 0)
+            server.probe.remote(step == 0)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            if self.labels == "server":
+                wire = device.forward.remote({**inputs, "labels": batch["labels"]}, True)
+                loss_ref, grad = server.loss_step.options(num_returns=2).remote(
+                    wire, {"labels": batch["labels"]})
+            else:
+                wire = device.forward.remote(inputs, False)
+                logits = server.forward.remote(wire)
+                loss_ref, grad_logits = device.loss_from_logits.options(
+                    num_returns=2).remote(logits, dict(batch))
+                grad = server.backward.remote(grad_logits)
+            device.backward.remote(grad)
+            device.step.remote()
+            server.step.remote()
+            losses.append(float(ray.get(loss_ref)))
+            if self.on_step is not None:
+                self.on_step(step, losses[-1])
+        (trained, metrics), (server_trained, scores), stats = ray.get(
+            [device.end.remote(), server.end.remote(), device.stats.remote()])
+        self.stats = SplitStats(shapes=[(int(b), int(t)) for b, t in stats["shapes"]],
+                                bytes_up=int(stats["bytes_up"]),
+                                bytes_down=int(stats["bytes_down"]))
+        trained.update(server_trained)
+        metrics.update(scores)
+        metrics.update({"loss": sum(losses) / max(len(losses), 1), "steps": float(len(losses))})
+        return {k: trained[k] for k in tensors}, metrics
