@@ -325,10 +325,12 @@ def test_split_family_runs_and_reports(tmp_path: Path, tiny_llama4_dir: Path,
         assert 1 <= client["split_point"] <= 3
         assert client["memory_estimate_bytes"] <= client["memory_budget_bytes"]
         assert set(client["ranks"]) == set(summary["modules"])
+    assert (tmp_path / "run" / "merged" / "config.json").exists()  # every split method
     if algorithm == "hsplitlora":
         splits = [c["split_point"] for c in summary["clients"].values()]
         assert splits == sorted(splits) and splits[0] < splits[-1]
-        assert (tmp_path / "run" / "merged" / "config.json").exists()
+    else:
+        assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
     assert result.summary == summary
 
 

@@ -79,6 +79,12 @@ class _SideHost:
         self.side.ready()
         model.peft.train()
 
+    def pid(self) -> int:
+        """The actor's process id (also: a call that returns once the actor is up)."""
+        import os
+
+        return os.getpid()
+
     def probe(self, on: bool) -> None:
         self.side.probe(on)
 
@@ -106,11 +112,6 @@ class _DeviceHost(_SideHost):
     def stats(self) -> dict[str, Any]:
         s: SplitStats = self.side.stats
         return {"shapes": s.shapes, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down}
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
 
 
 class _ServerHost(_SideHost):

@@ -436,7 +436,9 @@ class FederatedSession:
 
     # ------------------------------------------------------------------------- the end
     def finish(self) -> dict[str, Any]:
-        """Export the final model (adapter/ or merged/) and write summary.json."""
+        """Export the final model and write summary.json: adapter/ (PEFT), or merged/ for
+        algorithms that merge into the base (plus adapter/ where exact); split algorithms
+        always write merged/ too."""
         exp, run, state, rows = self.exp, self.run, self.state, self.rows
         cfg, task, algo = exp.cfg, exp.task, exp.algorithm
         ga = algo.global_adapter(state)
@@ -448,6 +450,8 @@ class FederatedSession:
                 exp.model.save_exact_adapter(run.adapter_dir, exact)
         else:
             exp.model.save_adapter(run.adapter_dir)
+            if algo.split_learning:  # the split family always leaves a loadable full model
+                exp.model.save_merged(run.merged_dir)
         metric = task.metric
         evaluated = [r for r in rows if metric in r and r["round"] > 0]
         if not evaluated:
