@@ -44,7 +44,7 @@ from lorafleet.algorithms.hetlora import HetLoRA
 from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.split.cost import ModelDims, device_flops_per_step, device_memory_bytes
 from lorafleet.split.importance import ImportanceTracker, weight_key
-from lorafleet.split.planner import ClientPlan, plan_client, replan_needed
+from lorafleet.split.planner import ClientPlan, _mb, plan_client, replan_needed
 
 __all__ = [
     "Centralized",
@@ -91,10 +91,6 @@ def weight_of(dims: ModelDims, module: str) -> Key | None:
         if rest == path:
             return int(found.group(1)), weight
     return None
-
-
-def _mb(nbytes: float) -> str:
-    return f"{math.ceil(nbytes / 1e5) / 10:.1f} MB"
 
 
 @dataclass(frozen=True)
@@ -228,7 +224,8 @@ class _SplitFamily:
     split_learning: ClassVar[bool] = True
     spec: AdapterSpec
 
-    def _init_split(self, options: Mapping[str, Any]) -> None:
+    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
+        super().__init__(spec, seed=seed, **options)  # type: ignore[call-arg]
         ctx = options.get("split_context")
         if not isinstance(ctx, SplitContext):
             raise ConfigError("algorithm", f"{type(self).__name__} is a split-learning "
@@ -242,7 +239,18 @@ class _SplitFamily:
         return self.ctx.split_point, self.ctx.uniform_ranks(self.spec.rank)
 
 
-class SplitLoRA(_SplitFamily, FedAvg):
+class _FixedSplit(_SplitFamily):
+    """A federated algorithm run at the fixed split: its payloads plus the split point and
+    their cost against the device's budget."""
+
+    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
+        """The wrapped algorithm's payload with the fixed split point and its cost."""
+        payload: Payload = super().plan(state, client, round)  # type: ignore[misc]
+        payload.config = self.ctx.client_config(client, self.ctx.split_point, payload.ranks)
+        return payload
+
+
+class SplitLoRA(_FixedSplit, FedAvg):
     """SplitLoRA: a fixed split, one rank r, FedAvg of A and B separately every round.
 
     LoRA on q and v is the architecture's default ``lora.target_modules``; the aggregation
@@ -251,34 +259,15 @@ class SplitLoRA(_SplitFamily, FedAvg):
 
     name: ClassVar[str] = "splitlora"
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
-        self._init_split(options)
 
-    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
-        """FedAvg's payload with the fixed split point and its cost."""
-        payload = super().plan(state, client, round)
-        payload.config = self.ctx.client_config(client, self.ctx.split_point, payload.ranks)
-        return payload
-
-
-class HetLoRASplit(_SplitFamily, HetLoRA):
+class HetLoRASplit(_FixedSplit, HetLoRA):
     """HetLoRA under split learning: fixed split, per-device ranks k_i, zero-padded averaging.
 
-    k_i is the largest rank of Q the device holds at the fixed split (:func:`budget_ranks`).
+    k_i follows the device's tier, capped by what fits at the fixed split
+    (:func:`budget_ranks`).
     """
 
     name: ClassVar[str] = "hetlora-split"
-
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
-        self._init_split(options)
-
-    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
-        """HetLoRA's truncated payload with the fixed split point and its cost."""
-        payload = super().plan(state, client, round)
-        payload.config = self.ctx.client_config(client, self.ctx.split_point, payload.ranks)
-        return payload
 
     def client_layout(self, state: ServerState, client: ClientInfo) -> tuple[int, dict[str, int]]:
         """The fixed split and k_i on every adapted module."""
@@ -321,7 +310,6 @@ class HSplitLoRA(_SplitFamily, FLoRA):
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)
-        self._init_split(options)
         self.use_importance = bool(options.get("importance", True))
         self.adaptive = bool(options.get("adaptive", True))
         self.replan_threshold = float(options.get("replan_threshold", 0.05))

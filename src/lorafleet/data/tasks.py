@@ -323,6 +323,12 @@ class Task(ABC):
                 labels[row, : len(it.labels)] = torch.tensor(it.labels, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
+    def _ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (``[]`` for empty text)."""
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scalar training loss of ``model`` on a collated batch."""
@@ -441,11 +447,6 @@ class GenerativeClassificationTask(Task):
                 f"answers (allowed: > {max_length - self.text_budget})",
             )
 
-    def _ids(self, text: str) -> list[int]:
-        if not text:
-            return []
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
@@ -557,11 +558,6 @@ class GenerationTask(Task):
                 f"{max_length} tokens leave no room for a target with this generation prompt "
                 f"(allowed: >= {max_length - self.room + 2})",
             )
-
-    def _ids(self, text: str) -> list[int]:
-        if not text:
-            return []
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
