@@ -51,7 +51,7 @@ def _tiny_overrides() -> list[str]:
             writer.writerow([f"the rain and the wind came over the hills on day {i}"])
     return [f"model.name={out / 'model'}", f"data.dataset={out / 'texts.csv'}",
             "data.max_length=32", "num_clients=2", "lora.rank=4", "partition.kind=iid",
-            "fleet.profiles=[{memory_gb: 0.0045}, {memory_gb: 0.0048}]"]
+            "fleet.profiles=[{memory_gb: 0.0090}, {memory_gb: 0.0095}]"]
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
 
     from lorafleet.runtimes.ray_split import RaySplitTrainer, RaySplitWorkers
 
-    overrides = ["threads=1", "train.batch_size=4", "task.kind=causal-lm"]
+    overrides = ["threads=1", "train.batch_size=4", "task.kind=causal-lm", "algorithm=hsplitlora"]
     overrides += _tiny_overrides() if args.tiny else ["data.max_length=64"]
     cfg = load_config(None if args.tiny else "configs/smoke-split.yaml", overrides)
     exp = build_experiment(cfg)

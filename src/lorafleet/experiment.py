@@ -77,13 +77,14 @@ def resolve_algorithm(cfg: ExperimentConfig) -> type[FederatedAlgorithm]:
 
 
 def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Module,
-                  profiles: list[DeviceProfile], per_device_ranks: bool = False
-                  ) -> SplitContext:
+                  profiles: list[DeviceProfile], per_device_ranks: bool = False,
+                  needs_fixed_split: bool = True) -> SplitContext:
     """The split family's view of the model and fleet: dims, budgets, the fixed split.
 
     Without ``split.split_point`` the fixed split is the deepest at which every device holds
     rank ``lora.rank`` adapters, or with ``per_device_ranks`` the smallest positive rank of
-    ``split.rank_set`` (so that stronger devices can take larger ranks there).
+    ``split.rank_set`` (so that stronger devices can take larger ranks there). Without
+    ``needs_fixed_split`` (adaptive HSplitLoRA) it is not computed.
 
     Raises:
         ConfigError: split.split_point outside [1, L-1].
@@ -104,6 +105,8 @@ def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Mod
         eager_attention=getattr(config, "_attn_implementation", "eager") == "eager",
     )
     fixed = cfg.split.split_point
+    if fixed is None and not needs_fixed_split:
+        return ctx  # the planner chooses each client's split (split_point unused)
     if fixed is None:
         # Per-device ranks (hetlora-split): deep enough that the weakest device holds the
         # smallest rank, the others more; one rank (the rest): every device holds rank r.
@@ -166,9 +169,11 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         parts = [sorted(i for part in parts for i in part)]
         profiles = profiles[:1]
     ctx = (split_context(cfg, model, base, profiles,
-                         per_device_ranks=issubclass(algo_cls, HetLoRASplit))
+                         per_device_ranks=issubclass(algo_cls, HetLoRASplit),
+                         needs_fixed_split=not (issubclass(algo_cls, HSplitLoRA)
+                                                and cfg.hsplitlora.adaptive))
            if algo_cls.split_learning else None)
-    if algo_cls.homogeneous:
+    if algo_cls.homogeneous or issubclass(algo_cls, HSplitLoRA):  # HSplitLoRA: its planner
         ranks = [cfg.lora.rank] * len(parts)
     elif ctx is not None:
         ranks = budget_ranks(ctx, cfg.lora.rank)
@@ -188,6 +193,10 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         split_context=ctx,
         **cfg.hsplitlora.model_dump(),
     )
+    if isinstance(algorithm, HSplitLoRA):  # a budget the planner refuses fails here, not later
+        initial = algorithm.init_state()
+        for client in clients:
+            algorithm.client_plan(initial, client)
     return Experiment(
         cfg=cfg,
         task=task,

@@ -105,7 +105,8 @@ class SplitContext:
         budgets_flops: each client's device FLOPs per step (None: no compute limit).
         batch, seq: B and T of a training step (T: the longest sequence).
         rank_set: Q, sorted, 0 allowed as "no adapter".
-        split_point: the fixed split of the baselines (and of HSplitLoRA without part 2).
+        split_point: the fixed split of the baselines (and of HSplitLoRA without part 2);
+            unused (1) by adaptive HSplitLoRA, whose planner picks each client's split.
         optimizer: the client optimizer ("adamw", "sgd"): its state is priced.
         eager_attention: the model keeps B·h·T² attention probabilities for backward.
     """
