@@ -46,9 +46,9 @@ def _tiny_overrides() -> list[str]:
     tokenizer.save_pretrained(out / "model")
     with (out / "texts.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["text"])
+        writer.writerow(["text", "label"])
         for i in range(64):
-            writer.writerow([f"the rain and the wind came over the hills on day {i}"])
+            writer.writerow([f"the rain and the wind came over the hills on day {i}", i % 2])
     return [f"model.name={out / 'model'}", f"data.dataset={out / 'texts.csv'}",
             "data.max_length=32", "num_clients=2", "lora.rank=4", "partition.kind=iid",
             "fleet.profiles=[{memory_gb: 0.0090}, {memory_gb: 0.0095}]"]
