@@ -268,7 +268,7 @@ def test_unknown_runtime_is_a_one_line_config_error(tmp_path):
     res = CliRunner().invoke(cli_app, ["run", "--runtime", "flower", "--out",
                                        str(tmp_path / "r")])
     assert res.exit_code == 2
-    assert "runtime: must be one of 'local' or 'flower-sim'" in res.output
+    assert "runtime: must be one of 'local', 'flower-sim' or 'ray'" in res.output
 
 
 def test_every_client_failing_stops_the_run_keeping_finished_rounds(
