@@ -12,9 +12,13 @@ trains with one torch thread (``threads: 1``), so the float operations are the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import subprocess
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +178,38 @@ def test_resume_on_flower_gives_the_uninterrupted_adapter(tmp_path, tiny_bert_di
     _assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
+def test_a_traced_run_times_every_step_of_every_message(tmp_path, tiny_bert_dir,
+                                                       tiny_text_csv, monkeypatch):
+    """LORAFLEET_TRACE (benchmarks/flower_overhead.py): each train message's push, ClientApp
+    steps, reply and decode are recorded and can be joined; unset, nothing is written."""
+    from lorafleet.runtimes.trace import trace, tracing
+
+    monkeypatch.delenv("LORAFLEET_TRACE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    trace("ignored", x=1)
+    assert not tracing() and not list(tmp_path.iterdir())
+    cfg = _config(tiny_bert_dir, tiny_text_csv, rounds=1)
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("LORAFLEET_TRACE", str(path))
+    _inprocess(cfg, tmp_path / "traced")
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    by_kind: dict[str, list[dict[str, object]]] = {}
+    for e in events:
+        by_kind.setdefault(str(e["event"]), []).append(e)
+    assert {"session_open", "payload", "push", "clientapp", "train_client", "reply", "update",
+            "round_end", "finish"} <= set(by_kind)
+    trains = [e for e in by_kind["push"] if e["type"] == "train"]
+    assert len(trains) == 3 and {e["message"] for e in trains} <= \
+        {e["message"] for e in by_kind["reply"]}
+    assert sorted(e["client"] for e in by_kind["clientapp"]) == [0, 1, 2]
+    for e in by_kind["clientapp"]:
+        assert float(e["created"]) <= float(e["entered"]) <= float(e["t"])  # type: ignore[arg-type]
+        assert all(float(e[k]) >= 0 for k in ("import_s", "decode_s", "build_s", "train_s",
+                                               "encode_s"))  # type: ignore[arg-type]
+    assert [e["round"] for e in by_kind["round_end"]] == [1]
+    assert all(int(e["bytes"]) > 0 for e in by_kind["payload"] + by_kind["update"])  # type: ignore[call-overload]
+
+
 # ----------------------------------------------------------------------------- bad input
 def _tampering_app(kind: str) -> ClientApp:
     """The real ClientApp, except that client 0's update is malformed as ``kind``."""
@@ -240,6 +276,50 @@ def test_a_malformed_update_is_rejected_and_the_round_completes(
     assert reason.split(":")[0] in caplog.text and "client 0" in caplog.text
     assert result.summary["final"] == row["accuracy"]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+class _CrashingGrid(InProcessGrid):
+    """Node 2 (client 1) dies on receiving its round-2 message and is restarted at once
+    under a new node id (as a SuperNode without a registered key is); the dead id stays
+    listed, as Flower lists a node until its heartbeat expires."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+        super().__init__(client_app, num_nodes)
+        self.dead: set[int] = set()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        kept: list[Message] = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node == 2 and msg.metadata.group_id == "2":
+                assert msg.metadata.ttl == 0.5  # a late node does not train a finished round
+                self.dead.add(node)
+                self.contexts[99] = self.contexts.pop(node)  # restarted: a new node id
+                continue
+            if node not in self.dead:
+                kept.append(msg)
+        return super().push_messages(kept)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [*self.contexts, *self.dead]
+
+
+def test_a_node_that_does_not_reply_is_dropped_and_rejoins_later(
+        tmp_path, tiny_bert_dir, tiny_text_csv, caplog):
+    from lorafleet.runtimes.flower.client_app import app
+
+    caplog.set_level(logging.WARNING, logger="lorafleet")
+    cfg = _config(tiny_bert_dir, tiny_text_csv, rounds=3)
+    session = FederatedSession.open(cfg, tmp_path / "run")
+    t0 = time.perf_counter()
+    serve(_CrashingGrid(app, 3), session, node_wait=0.0, round_timeout=0.5)
+    assert time.perf_counter() - t0 < 60
+    rows = _rows(tmp_path / "run")
+    assert [r["clients"] for r in rows[1:]] == [[0, 1, 2], [0, 2], [0, 1, 2]]
+    assert rows[2]["rejected"] == [
+        {"client": 1, "reason": "client failed: no reply within the round timeout (0.5 s)"}]
+    assert "client 1 dropped from round 2" in caplog.text
+    assert (tmp_path / "run" / "summary.json").exists()
 
 
 def test_a_client_without_a_node_is_left_out(tmp_path, tiny_bert_dir, tiny_text_csv):
@@ -369,3 +449,232 @@ def test_deploy_local_stops_every_process_when_interrupted(tmp_path, tiny_bert_d
                      on_started=interrupt)
     [dep] = started
     assert len(dep.procs) == 4 and _gone(dep.seen)
+
+
+# ----------------------------------------------------------------------------- TLS + auth
+def _write_tls_files(directory: Path) -> None:
+    """A CA and a server certificate it signed (SANs 127.0.0.1, localhost), in Flower's
+    file names: ca.crt, server.pem, server.key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lorafleet test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(valid[0]).not_valid_after(valid[1])
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid[0]).not_valid_after(valid[1])
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def _write_node_key(path: Path) -> None:
+    """A SuperNode key pair as ``ssh-keygen -t ecdsa -b 384`` writes it: ``path`` (OpenSSH
+    private key) and ``path.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.with_name(path.name + ".pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+def test_security_refuses_missing_files_and_auth_without_tls(tmp_path):
+    from lorafleet.runtimes.flower.deploy import Security
+
+    _write_node_key(tmp_path / "keys" / "supernode-0")
+    with pytest.raises(LorafleetError, match="needs TLS"):
+        Security(auth_dir=tmp_path / "keys").check(1)
+    _write_tls_files(tmp_path / "tls")
+    secure = Security(tls_dir=tmp_path / "tls", auth_dir=tmp_path / "keys")
+    secure.check(1)
+    with pytest.raises(LorafleetError, match=r"missing .*supernode-1, .*supernode-1\.pub"):
+        secure.check(2)
+    with pytest.raises(LorafleetError, match=r"missing .*ca\.crt"):
+        Security(tls_dir=tmp_path / "keys").check(1)
+    assert Security().superlink_args() == ["--insecure"]
+    link = secure.superlink_args()
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    assert link[link.index("--ssl-certfile") + 1] == str((tmp_path / "tls/server.pem").resolve())
+    node = secure.supernode_args(secure.node_key(0))
+    assert node[node.index("--auth-supernode-private-key") + 1].endswith("keys/supernode-0")
+    assert "root-certificates" in secure.connection(9) and "insecure" not in \
+        secure.connection(9)
+
+
+def test_deploy_local_cli_refuses_auth_without_tls_in_one_line(tmp_path, tiny_bert_dir,
+                                                               tiny_text_csv):
+    res = CliRunner().invoke(cli_app, [
+        "deploy-local", "--out", str(tmp_path / "run"), "--auth-keys", str(tmp_path),
+        *[a for o in tiny_overrides(tiny_bert_dir, tiny_text_csv) for a in ("--set", o)]])
+    assert res.exit_code != 0
+    text = res.output.strip()
+    assert "needs TLS" in text and len(text.splitlines()) == 1, text
+    assert not (tmp_path / "run" / "deploy" / "superlink.log").exists()
+
+
+@pytest.mark.slow
+def test_deploy_local_over_tls_with_supernode_authentication(tmp_path, tiny_bert_dir,
+                                                             tiny_text_csv):
+    """TLS on every link and registered SuperNode keys: 2 authorised nodes train 2 rounds;
+    a third node with a key the SuperLink does not know is refused and never trains."""
+    from lorafleet.runtimes.flower.deploy import Deployment, Security, deploy_local
+
+    torch.set_num_threads(1)
+    _write_tls_files(tmp_path / "tls")
+    for i in range(2):
+        _write_node_key(tmp_path / "keys" / f"supernode-{i}")
+    _write_node_key(tmp_path / "rogue" / "supernode-2")  # never registered
+    cfg = _config(tiny_bert_dir, tiny_text_csv)  # 3 clients: client 2 is the rogue's claim
+    rogue: list[int | None] = []
+
+    def add_rogue(dep: Deployment) -> None:
+        proc = dep.start_supernode(2, key=tmp_path / "rogue" / "supernode-2", name="rogue")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        rogue.append(proc.poll())
+
+    t0 = time.perf_counter()
+    dep = deploy_local(cfg, tmp_path / "run", nodes=2, node_wait=5.0, on_started=add_rogue,
+                       security=Security(tls_dir=tmp_path / "tls", auth_dir=tmp_path / "keys"))
+    print(f"deploy-local (TLS + auth) wall seconds: {time.perf_counter() - t0:.1f}")
+    home = tmp_path / "run" / "deploy"
+    assert "https://127.0.0.1" in (home / "superlink.log").read_text()  # TLS, not HTTP
+    assert rogue and rogue[0] not in (None, 0), rogue  # the unregistered node exited
+    assert "Failed to activate SuperNode" in (home / "rogue.log").read_text()
+    rows = _rows(tmp_path / "run")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"] == [0, 1]
+        assert row["rejected"] == [{"client": 2, "reason": "unreachable: no node is client 2"}]
+    for f in (*RUN_FILES, "adapter/adapter_model.safetensors"):
+        assert (tmp_path / "run" / f).exists(), f
+    names = [name for name, _ in dep.procs]
+    assert names == ["superlink", "supernode-0", "supernode-1", "rogue", "flwr-run"]
+    assert _gone(dep.seen)
+
+
+# ----------------------------------------------------------------------------- node and server loss
+def _wait_for(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_dropped_and_rejoins(tmp_path, tiny_bert_dir,
+                                                             tiny_text_csv):
+    """SIGKILL a SuperNode (and its ClientApp) as it trains round 1: round 1 aggregates the
+    other node and records the dead node's client as dropped; the node, restarted, rejoins
+    and trains round 2."""
+    from lorafleet.runtimes.flower.deploy import Deployment, deploy_local
+
+    torch.set_num_threads(1)
+    cfg = _config(tiny_bert_dir, tiny_text_csv, num_clients=2, **{"fleet.sketch.ranks": "[2, 4]"})
+    chaos: dict[str, float] = {}
+    failures: list[BaseException] = []
+
+    def crash_node_1(dep: Deployment) -> None:
+        log = dep.home / "supernode-1.log"
+
+        def run() -> None:
+            try:
+                _wait_for(lambda: "Receiving: train message" in log.read_text(), 150,
+                          "node 1's round-1 train message")
+                time.sleep(1.0)  # its ClientApp is starting: the round is under way
+                dep.kill("supernode-1")
+                chaos["killed"] = time.monotonic()
+                time.sleep(2.0)
+                dep.start_supernode(1)
+                chaos["restarted"] = time.monotonic()
+            except BaseException as err:  # noqa: BLE001 - reported by the test
+                failures.append(err)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    t0 = time.perf_counter()
+    dep = deploy_local(cfg, tmp_path / "run", nodes=2, round_timeout=45.0, node_wait=5.0,
+                       on_started=crash_node_1)
+    print(f"deploy-local with a killed node, wall seconds: {time.perf_counter() - t0:.1f}")
+    assert not failures, failures
+    assert "killed" in chaos and "restarted" in chaos
+    rows = _rows(tmp_path / "run")
+    assert [r["clients"] for r in rows[1:]] == [[0], [0, 1]]
+    assert rows[1]["rejected"] == [
+        {"client": 1, "reason": "client failed: no reply within the round timeout (45 s)"}]
+    assert rows[2]["rejected"] == []
+    assert (tmp_path / "run" / "summary.json").exists()
+    names = sorted(name for name, _ in dep.procs)  # the restart comes after `flwr run`
+    assert names == ["flwr-run", "superlink", "supernode-0", "supernode-1", "supernode-1"]
+    assert _gone(dep.seen)
+
+
+@pytest.mark.slow
+def test_a_killed_server_resumes_from_its_checkpoint(tmp_path, tiny_bert_dir, tiny_text_csv):
+    """SIGKILL the SuperLink (with its SuperExec and ServerApp) during round 2; deploy-local
+    --resume on a fresh deployment finishes with the uninterrupted run's adapter, metrics
+    and summary (the local run's, which an uninterrupted deployment matches exactly:
+    test_deploy_local_runs_on_real_flower_processes_and_stops_them)."""
+    from lorafleet.checkpoint import load_checkpoint
+    from lorafleet.runtimes.flower.deploy import Deployment, deploy_local
+
+    torch.set_num_threads(1)
+    cfg = _config(tiny_bert_dir, tiny_text_csv, num_clients=2, **{"fleet.sketch.ranks": "[2, 4]"})
+    run_local(cfg, tmp_path / "local", progress=False)
+    out = tmp_path / "run"
+    started: list[Deployment] = []
+    failures: list[BaseException] = []
+
+    def crash_server(dep: Deployment) -> None:
+        started.append(dep)
+        meta = out / "checkpoint" / "meta.json"
+
+        def run() -> None:
+            try:
+                _wait_for(lambda: meta.is_file() and json.loads(meta.read_text())["round"] >= 1,
+                          150, "round 1's checkpoint")
+                dep.kill("superlink")
+            except BaseException as err:  # noqa: BLE001 - reported by the test
+                failures.append(err)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    t0 = time.perf_counter()
+    with pytest.raises(LorafleetError, match="flower-superlink exited .* --resume"):
+        deploy_local(cfg, out, nodes=2, node_wait=5.0, on_started=crash_server)
+    assert not failures, failures
+    ckpt = load_checkpoint(out / "checkpoint")
+    assert ckpt is not None and ckpt.round == 1 and not (out / "summary.json").exists()
+    resumed = deploy_local(None, out, nodes=2, resume=True, node_wait=5.0)
+    print(f"deploy-local killed and resumed, wall seconds: {time.perf_counter() - t0:.1f}")
+    _assert_same_run(tmp_path / "local", out)
+    assert _gone(started[0].seen | resumed.seen)

@@ -139,6 +139,19 @@ def deploy_local(
         "--set", "-s", help="Override a config field (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue the run in --out from its checkpoint.")] = False,
+    tls_dir: Annotated[Path | None, typer.Option(
+        "--tls-dir", help="Run over TLS instead of --insecure: a directory holding ca.crt, "
+        "server.pem (SANs: 127.0.0.1) and server.key.")] = None,
+    auth_keys: Annotated[Path | None, typer.Option(
+        "--auth-keys", help="Authenticate SuperNodes (needs --tls-dir): a directory holding "
+        "supernode-<i> and supernode-<i>.pub for each node i (OpenSSH ECDSA keys, e.g. "
+        "ssh-keygen -t ecdsa -b 384 -N '' -f supernode-0); the public keys are registered "
+        "with the SuperLink, any other node is refused.")] = None,
+    round_timeout: Annotated[float, typer.Option(
+        help="Seconds a round waits for its nodes; a node that has not replied by then "
+        "(killed, disconnected) is dropped from that round.")] = 3600.0,
+    node_wait: Annotated[float, typer.Option(
+        help="Seconds to wait, before round 1, for every client's node.")] = 120.0,
     verbose: Annotated[bool, typer.Option(help="Log more (INFO).")] = False,
 ) -> None:
     """Run on a real Flower deployment on loopback: a flower-superlink, N flower-supernodes
@@ -147,6 +160,7 @@ def deploy_local(
     from lorafleet.config import load_config
 
     try:
+        from lorafleet.runtimes.flower.deploy import Security
         from lorafleet.runtimes.flower.deploy import deploy_local as run_deployment
     except ImportError as err:
         _fail(f"deploy-local needs Flower ({err}); install the extra: "
@@ -159,7 +173,9 @@ def deploy_local(
             _fail("--resume needs --out DIR (the run to continue)")
             return
         directory = out or Path("runs") / (cfg.name if cfg else "experiment")
-        run_deployment(cfg, directory, nodes=nodes, resume=resume, console=err_console)
+        run_deployment(cfg, directory, nodes=nodes, resume=resume, console=err_console,
+                       security=Security(tls_dir=tls_dir, auth_dir=auth_keys),
+                       round_timeout=round_timeout, node_wait=node_wait)
     except LorafleetError as err:
         _fail(str(err))
         return

@@ -45,6 +45,7 @@ from lorafleet.metrics import CommLedger, SimulatedClock, tensor_bytes, train_fl
 from lorafleet.models.adapters import PeftClientTrainer
 from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
+from lorafleet.runtimes.trace import trace
 from lorafleet.runtimes.validation import validate_update
 
 __all__ = [
@@ -151,7 +152,9 @@ def train_client(
         steps=exp.steps_per_round, seed=derive_seed(cfg.seed, "batches", round, client),
     ), tokens)
     torch.manual_seed(derive_seed(cfg.seed, "train", round, client))
+    t0 = time.perf_counter()
     result = exp.algorithm.client_update(trainer, payload, batches)
+    trace("train_client", round=round, client=client, seconds=time.perf_counter() - t0)
     result.num_examples = exp.clients[client].num_examples
     return result, tokens[0]
 
@@ -293,6 +296,7 @@ class FederatedSession:
             rows.append(row0)
             if progress:
                 console.print(f"round 0 (initial model): {metric} {base_eval[metric]:.4f}")
+        trace("session_open", start=start, seconds=session.wall())
         return session
 
     def wall(self) -> float:
@@ -396,6 +400,7 @@ class FederatedSession:
             LorafleetError: every sampled client failed (finished rounds are kept).
         """
         exp, algo, rnd = self.exp, self.exp.algorithm, tally.round
+        t0 = time.perf_counter()
         # Clients settle in whatever order their results arrive; rows list them by id.
         rejected = sorted(tally.rejected, key=lambda r: int(r["client"]))
         if not tally.accepted and len(rejected) == len(tally.sampled) and any(
@@ -423,8 +428,10 @@ class FederatedSession:
         if algo.split_learning:
             row["bytes_activations"] = self.ledger.activation_bytes(rnd)
             row["bytes_activations_total"] = self.ledger.activation_bytes()
+        t_eval = time.perf_counter()
         if rnd % self.cfg.train.eval_every == 0 or rnd == self.cfg.rounds:
             row.update(evaluate_global(exp, self.state, final=rnd == self.cfg.rounds))
+        t_eval = time.perf_counter() - t_eval
         row["wall_seconds"] = self.wall()
         self.run.append_metrics(row)
         self.rows.append(row)
@@ -432,6 +439,8 @@ class FederatedSession:
             "ledger": self.ledger.state_dict(), "clock": self.clock.state_dict(),
             "wall_seconds": row["wall_seconds"],
         })
+        trace("round_end", round=rnd, seconds=time.perf_counter() - t0, eval_s=t_eval,
+              wall=row["wall_seconds"])
         return row
 
     # ------------------------------------------------------------------------- the end
@@ -503,4 +512,5 @@ class FederatedSession:
                             "split_labels": cfg.split.labels,
                             "num_layers": split.dims.num_layers})
         run.write_json("summary.json", summary)
+        trace("finish", wall=summary["wall_seconds"])
         return summary

@@ -19,8 +19,23 @@ import os
 # such host, and a run should not wait on it. FLWR_TELEMETRY_ENABLED=1 still opts in.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from lorafleet.runtimes.flower.server_app import require_federated, serve  # noqa: E402
-from lorafleet.runtimes.flower.simulation import run_flower_sim  # noqa: E402
-from lorafleet.runtimes.flower.strategy import FederatedStrategy  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorafleet.runtimes.flower.server_app import require_federated, serve
+    from lorafleet.runtimes.flower.simulation import run_flower_sim
+    from lorafleet.runtimes.flower.strategy import FederatedStrategy
 
 __all__ = ["FederatedStrategy", "require_federated", "run_flower_sim", "serve"]
+
+_HOME = {"FederatedStrategy": "strategy", "require_federated": "server_app",
+         "run_flower_sim": "simulation", "serve": "server_app"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use: a SuperNode's ClientApp process answering the roll
+    call (a fresh process per message) then loads neither torch nor transformers."""
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -6,25 +6,25 @@ carries the resolved experiment config; the node builds the experiment (data, pa
 base model) once per process and keeps it, since Flower creates the ClientApp afresh for
 every message. Training is :func:`lorafleet.runtimes.session.train_client`, the function the
 local runtime calls, so a client's update is the same wherever it trains.
+
+torch, transformers and the experiment code are imported when a train message arrives, not
+with the module: a roll-call query is answered by a process that loads none of them.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
+from typing import TYPE_CHECKING
 
-import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from lorafleet.config import validate_config
-from lorafleet.experiment import Experiment, build_experiment
-from lorafleet.runtimes.flower.wire import (
-    failure_record,
-    read_payload,
-    update_record,
-)
-from lorafleet.runtimes.session import CLIENT_ERRORS, failure_reason, make_trainer, train_client
+from lorafleet.runtimes.trace import trace, tracing
+
+if TYPE_CHECKING:
+    from lorafleet.experiment import Experiment
 
 __all__ = ["SPLIT_REFUSAL", "app", "client_experiment", "partition_of", "train_reply"]
 
@@ -40,6 +40,11 @@ SPLIT_REFUSAL = ("{name} is split learning, which does not run on Flower (a Clie
 def client_experiment(experiment_yaml: str) -> Experiment:
     """The experiment a resolved config describes, built once per process (the last one
     is kept: Flower recreates the ClientApp for every message)."""
+    import yaml
+
+    from lorafleet.config import validate_config
+    from lorafleet.experiment import build_experiment
+
     return build_experiment(validate_config(yaml.safe_load(experiment_yaml) or {}))
 
 
@@ -57,11 +62,23 @@ def train_reply(content: RecordDict, partition_id: int) -> RecordDict:
     A failure the local runtime would drop the client for becomes a failure reply; a
     message meant for another client or a split-learning experiment is refused the same way.
     """
+    entered, t0 = time.time(), time.perf_counter()
+    from lorafleet.runtimes.flower.wire import failure_record, read_payload, update_record
+    from lorafleet.runtimes.session import (
+        CLIENT_ERRORS,
+        failure_reason,
+        make_trainer,
+        train_client,
+    )
+
+    t_import = time.perf_counter()
     order = read_payload(content)
     if order.client != partition_id:
         return failure_record(f"client failed: a payload for client {order.client} reached "
                               f"the node of client {partition_id}")
+    t_decode = time.perf_counter()
     exp = client_experiment(order.experiment)
+    t_build = time.perf_counter()
     if exp.algorithm.split_learning:
         return failure_record("client failed: " + SPLIT_REFUSAL.format(name=exp.cfg.algorithm))
     if not 0 <= partition_id < len(exp.clients):
@@ -75,7 +92,16 @@ def train_reply(content: RecordDict, partition_id: int) -> RecordDict:
     except CLIENT_ERRORS as err:
         log.warning("client %d failed in round %d: %s", partition_id, order.round, err)
         return failure_record(failure_reason(err))
-    return update_record(result, tokens)
+    t_train = time.perf_counter()
+    reply = update_record(result, tokens)
+    if tracing():
+        import psutil
+
+        trace("clientapp", round=order.round, client=partition_id,
+              created=psutil.Process().create_time(), entered=entered,
+              import_s=t_import - t0, decode_s=t_decode - t_import, build_s=t_build - t_decode,
+              train_s=t_train - t_build, encode_s=time.perf_counter() - t_train)
+    return reply
 
 
 def query_reply(partition_id: int) -> RecordDict:

@@ -2,14 +2,24 @@
 
 Starts one ``flower-superlink`` and N ``flower-supernode`` processes (node i plays client
 ``partition-id = i``), submits the lorafleet app with ``flwr run``, waits for the run to
-finish and stops every process it started, their children included (also on Ctrl-C or an
-error). The same commands, with TLS certificates and SuperNode authentication instead of
-``--insecure``, deploy across machines.
+finish and stops every process it started, their children included (also on Ctrl-C, an
+error, or a SuperLink that dies mid-run).
+
+Without :class:`Security` the processes talk plain HTTP (``--insecure``). With a TLS
+directory the SuperLink serves HTTPS with its certificate and every client (SuperNodes,
+``flwr``) checks it against the CA; with SuperNode keys as well, the SuperLink runs with
+``--enable-supernode-auth``, each node's public key is registered through the Control API
+(``flwr supernode register``) and each node signs its requests with its private key
+(``--auth-supernode-private-key``): a node whose key is not registered cannot join. These
+are the flags a deployment across machines uses (Flower 1.41 allows authentication only over
+TLS).
 
 Everything Flower keeps lives under ``OUT/deploy/``: ``flwr-home/`` (the ``flwr`` CLI's
-config and installed apps), ``state.db`` (the SuperLink's state), one log per process,
-``app/`` (a minimal Flower app naming lorafleet's installed ServerApp and ClientApp), and
-``run-config.toml``. The run directory itself is OUT, as with ``lorafleet run``.
+config and installed apps), ``state.db`` (the SuperLink's state, started afresh by every
+``deploy-local``: a resumed run continues from the run directory's checkpoint), one log per
+process, ``app/`` (a minimal Flower app naming lorafleet's installed ServerApp and
+ClientApp), and ``run-config.toml``. The run directory itself is OUT, as with
+``lorafleet run``.
 
 Each message runs in a fresh ``flwr-clientapp`` process on the SuperNode (Flower 1.41's
 Deployment Engine): a node loads the base model once per message, not once per run.
@@ -24,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +49,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.flower.server_app import require_federated
 
-__all__ = ["Deployment", "deploy_local"]
+__all__ = ["Deployment", "Security", "deploy_local"]
 
 APP_PYPROJECT = """\
 [build-system]
@@ -94,6 +105,93 @@ def _toml_string(value: str) -> str:
     return json.dumps(value)
 
 
+@dataclass(frozen=True)
+class Security:
+    """TLS certificates and SuperNode keys of a deployment (neither: plain HTTP).
+
+    Attributes:
+        tls_dir: holds ``ca.crt`` (the CA that signed the server certificate),
+            ``server.pem`` (the SuperLink's certificate; its SANs must name the address
+            the nodes dial, here 127.0.0.1) and ``server.key`` (its private key): the file
+            names of Flower's TLS guide.
+        auth_dir: holds, for each node i, ``supernode-<i>`` (an EC private key on a NIST
+            curve in OpenSSH format, e.g. ``ssh-keygen -t ecdsa -b 384 -N "" -f
+            supernode-0``) and ``supernode-<i>.pub``; needs ``tls_dir``.
+    """
+
+    tls_dir: Path | None = None
+    auth_dir: Path | None = None
+
+    CA = "ca.crt"
+    CERT = "server.pem"
+    KEY = "server.key"
+
+    @property
+    def insecure(self) -> bool:
+        """Whether the deployment runs without TLS."""
+        return self.tls_dir is None
+
+    def file(self, name: str) -> Path:
+        """``name`` in the TLS directory, as an absolute path (the processes' cwd differs)."""
+        if self.tls_dir is None:
+            raise LorafleetError("no TLS directory given")
+        return (self.tls_dir / name).resolve()
+
+    def node_key(self, partition: int) -> Path | None:
+        """Node ``partition``'s private key (its public key is this path + ``.pub``)."""
+        if self.auth_dir is None:
+            return None
+        return (self.auth_dir / f"supernode-{partition}").resolve()
+
+    def check(self, nodes: int) -> None:
+        """Refuse missing files, and authentication without TLS, in one line."""
+        if self.auth_dir is not None and self.tls_dir is None:
+            raise LorafleetError("SuperNode authentication needs TLS: give --tls-dir too "
+                                 "(Flower 1.41 refuses --enable-supernode-auth without it)")
+        wanted: list[Path] = []
+        if self.tls_dir is not None:
+            wanted += [self.file(n) for n in (self.CA, self.CERT, self.KEY)]
+        for i in range(nodes if self.auth_dir is not None else 0):
+            key = self.node_key(i)
+            assert key is not None
+            wanted += [key, key.with_name(key.name + ".pub")]
+        missing = [str(f) for f in wanted if not f.is_file()]
+        if missing:
+            raise LorafleetError(f"missing certificate or key files: {', '.join(missing)} "
+                                 "(--tls-dir holds ca.crt, server.pem, server.key; --auth-keys "
+                                 "holds supernode-<i> and supernode-<i>.pub for every node i)")
+
+    def superlink_args(self) -> list[str]:
+        """``flower-superlink``'s transport flags."""
+        if self.insecure:
+            return ["--insecure"]
+        args = ["--ssl-ca-certfile", str(self.file(self.CA)),
+                "--ssl-certfile", str(self.file(self.CERT)),
+                "--ssl-keyfile", str(self.file(self.KEY))]
+        return args + (["--enable-supernode-auth"] if self.auth_dir is not None else [])
+
+    def supernode_args(self, key: Path | None) -> list[str]:
+        """``flower-supernode``'s transport flags, signing with ``key`` when given."""
+        if self.insecure:
+            return ["--insecure"]
+        args = ["--root-certificates", str(self.file(self.CA))]
+        return args + (["--auth-supernode-private-key", str(key)] if key is not None else [])
+
+    def connection(self, port: int) -> str:
+        """The ``flwr`` CLI's config.toml: a connection named ``loopback``."""
+        trust = ("insecure = true" if self.insecure
+                 else f"root-certificates = {_toml_string(str(self.file(self.CA)))}")
+        return (f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                f'address = "127.0.0.1:{port}"\n{trust}\n')
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 @dataclass
 class Deployment:
     """The processes of a loopback deployment; :meth:`stop` ends all of them.
@@ -101,6 +199,8 @@ class Deployment:
     Attributes:
         home: ``OUT/deploy``.
         port: the SuperLink's port (Fleet, Control and ServerAppIo APIs).
+        nodes: SuperNodes of the fleet (``num-partitions`` in their node config).
+        security: TLS and SuperNode keys (default: none, plain HTTP).
         procs: (name, process) for every process started, in start order.
         seen: ids of every process known to belong to the deployment (with descendants
             found while it ran), for checks that nothing is left behind.
@@ -108,9 +208,15 @@ class Deployment:
 
     home: Path
     port: int
+    nodes: int = 1
+    security: Security = field(default_factory=Security)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
+    _tracked: dict[int, psutil.Process] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
+    # Tests start and kill nodes from another thread while deploy_local watches the run.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _stopped: bool = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -123,30 +229,90 @@ class Deployment:
               ) -> subprocess.Popen[bytes]:
         """Start ``args`` in its own session (a terminal's Ctrl-C reaches only lorafleet,
         which then stops it), its output in ``home/<name>.log`` or, without ``log``, ours."""
-        out: IO[bytes] | None = None
-        if log:
-            out = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed by stop()
-            self._logs.append(out)
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if log else None,
-                                env=self.env, cwd=self.home, start_new_session=True)
-        self.procs.append((name, proc))
-        self.seen.add(proc.pid)
-        return proc
+        with self._lock:
+            if self._stopped:
+                raise LorafleetError(f"the deployment in {self.home} is stopped; not starting "
+                                     f"{name}")
+            out: IO[bytes] | None = None
+            if log:
+                out = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed by stop()
+                self._logs.append(out)
+            proc = subprocess.Popen(args, stdout=out,
+                                    stderr=subprocess.STDOUT if log else None,
+                                    env=self.env, cwd=self.home, start_new_session=True)
+            self.procs.append((name, proc))
+            self.seen.add(proc.pid)
+            with contextlib.suppress(psutil.Error):
+                self._tracked[proc.pid] = psutil.Process(proc.pid)
+            return proc
+
+    def start_supernode(self, partition: int, *, key: Path | None = None,
+                        name: str | None = None) -> subprocess.Popen[bytes]:
+        """Start a ``flower-supernode`` playing client ``partition``.
+
+        Args:
+            partition: its ``partition-id``.
+            key: the private key it signs with (default: the deployment's key for
+                ``partition``, if it authenticates nodes).
+            name: its name in :attr:`procs` and its log's (default ``supernode-<i>``).
+        """
+        key = key if key is not None else self.security.node_key(partition)
+        return self.start(name or f"supernode-{partition}", [
+            "flower-supernode", *self.security.supernode_args(key),
+            "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(_free_port()),
+            "--node-config", f"partition-id={partition} num-partitions={self.nodes}",
+        ])
+
+    def process(self, name: str) -> subprocess.Popen[bytes]:
+        """The process last started under ``name``."""
+        for started, proc in reversed(self.procs):
+            if started == name:
+                return proc
+        raise KeyError(name)
 
     def descendants(self) -> list[psutil.Process]:
-        """Every live process the deployment started, children of children included."""
-        found: dict[int, psutil.Process] = {}
-        for _, proc in self.procs:
+        """Every live process the deployment started, children of children included
+        (also those whose parent has died, once seen here)."""
+        with self._lock:
+            found: dict[int, psutil.Process] = {}
+            for _, proc in self.procs:
+                with contextlib.suppress(psutil.Error):
+                    root = self._tracked.get(proc.pid) or psutil.Process(proc.pid)
+                    if _alive(root):
+                        for p in [root, *root.children(recursive=True)]:
+                            found[p.pid] = p
+            for p in found.values():
+                self._tracked.setdefault(p.pid, p)
+            self.seen.update(found)
+            # A process seen earlier whose parent died (killed) is still the deployment's.
+            return [p for p in self._tracked.values() if _alive(p)]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process ``name`` and all its descendants at once, as a crash of
+        its machine would (tests use it)."""
+        with self._lock:
+            root = self._tracked.get(self.process(name).pid)
+            if root is None or not _alive(root):
+                return
+            victims = [root]
             with contextlib.suppress(psutil.Error):
-                root = psutil.Process(proc.pid)
-                for p in [root, *root.children(recursive=True)]:
-                    found[p.pid] = p
-        self.seen.update(found)
-        return list(found.values())
+                victims += root.children(recursive=True)
+            for p in victims:
+                self._tracked.setdefault(p.pid, p)
+                self.seen.add(p.pid)
+            for p in victims:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        psutil.wait_procs(victims, timeout=5.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process(name).wait(timeout=5.0)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Terminate every process (SIGTERM, then SIGKILL after ``timeout``) and reap them."""
-        alive = self.descendants()
+        with self._lock:
+            self._stopped = True
+            alive = self.descendants()
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGTERM)
@@ -155,21 +321,40 @@ class Deployment:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         psutil.wait_procs(alive, timeout=5.0)
-        for _, proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5.0)
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
+        with self._lock:
+            for _, proc in self.procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5.0)
+            for log in self._logs:
+                log.close()
+            self._logs.clear()
 
 
 @contextlib.contextmanager
-def _deployment(home: Path) -> Iterator[Deployment]:
-    dep = Deployment(home=home, port=_free_port())
+def _deployment(home: Path, nodes: int, security: Security) -> Iterator[Deployment]:
+    dep = Deployment(home=home, port=_free_port(), nodes=nodes, security=security)
     try:
         yield dep
     finally:
         dep.stop()
+
+
+def _register_nodes(dep: Deployment) -> None:
+    """Register every node's public key with the SuperLink (``flwr supernode register``)."""
+    for i in range(dep.nodes):
+        key = dep.security.node_key(i)
+        assert key is not None
+        done = subprocess.run(
+            ["flwr", "supernode", "register", str(key) + ".pub", "loopback"],
+            env=dep.env, cwd=dep.home, capture_output=True, text=True, timeout=120,
+            check=False)
+        with open(dep.home / "register.log", "a") as log:
+            log.write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise LorafleetError(f"flwr supernode register {key}.pub failed "
+                                 f"({lines[-1] if lines else done.returncode}); see "
+                                 f"{dep.home / 'register.log'}")
 
 
 def deploy_local(
@@ -178,6 +363,9 @@ def deploy_local(
     *,
     nodes: int,
     resume: bool = False,
+    security: Security | None = None,
+    round_timeout: float = 3600.0,
+    node_wait: float | None = None,
     console: Console | None = None,
     start_timeout: float = 120.0,
     run_timeout: float | None = None,
@@ -190,20 +378,26 @@ def deploy_local(
         out: the run directory.
         nodes: SuperNodes to start; node i plays client i (at most ``num_clients``).
         resume: continue the run in ``out`` from its checkpoint.
+        security: TLS certificates and SuperNode keys (default: plain HTTP).
+        round_timeout: seconds a round waits for its nodes' replies; a node that has not
+            answered by then (killed, disconnected, too slow) is dropped from the round.
+        node_wait: seconds the server waits, before round 1, for every client's node
+            (default ``start_timeout``).
         console: where progress lines go (the run's own log streams to stdout).
         start_timeout: seconds to wait for the SuperLink to listen.
         run_timeout: seconds ``flwr run`` may take (None: no limit).
         on_started: a callable given the :class:`Deployment` once every process runs
-            (tests use it to interrupt or kill nodes).
+            (tests use it to interrupt, kill or add nodes).
 
     Returns:
         The (stopped) deployment, for checks on what it started.
 
     Raises:
-        LorafleetError: a bad config, a process that did not start, or a run that did not
-            finish (its log says why).
+        LorafleetError: a bad config, missing certificates or keys, a process that did not
+            start, a SuperLink that died, or a run that did not finish (its log says why).
     """
     console = console or Console(stderr=True)
+    security = security or Security()
     out = out.resolve()
     run = RunDir(out)
     stored = run.stored_config() if cfg is None and resume else None
@@ -217,56 +411,75 @@ def deploy_local(
     if cfg is not None and not resume and run.holds_run():
         raise LorafleetError(f"{out} already holds a run; pass --resume to continue it, or "
                              "choose another --out")
+    if round_timeout <= 0:
+        raise LorafleetError(f"--round-timeout must be positive, got {round_timeout:g}")
+    security.check(nodes)
     home = out / "deploy"
     (home / "flwr-home").mkdir(parents=True, exist_ok=True)
     (home / "app").mkdir(exist_ok=True)
     (home / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
+    # Flower's state is this deployment's only (registered keys, runs): start it afresh.
+    for db in home.glob("state.db*"):
+        db.unlink()
     experiment = home / "experiment.yaml"
     if cfg is not None:
         experiment.write_text(cfg.to_yaml())
-    run_config = {
-        "config": str(experiment) if cfg is not None else "",
-        "out": str(out),
-        "resume": "true" if resume else "false",
-        "node-wait": repr(float(start_timeout)),
-    }
-    (home / "run-config.toml").write_text("".join(
-        f"{k} = {v if k in ('resume', 'node-wait') else _toml_string(v)}\n"
-        for k, v in run_config.items()))
+    strings = {"config": str(experiment) if cfg is not None else "", "out": str(out)}
+    numbers = {"resume": "true" if resume else "false",
+               "round-timeout": repr(float(round_timeout)),
+               "node-wait": repr(float(start_timeout if node_wait is None else node_wait))}
+    (home / "run-config.toml").write_text(
+        "".join(f"{k} = {_toml_string(v)}\n" for k, v in strings.items())
+        + "".join(f"{k} = {v}\n" for k, v in numbers.items()))
 
-    with _deployment(home) as dep:
-        (home / "flwr-home" / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-            f'address = "127.0.0.1:{dep.port}"\ninsecure = true\n')
+    with _deployment(home, nodes, security) as dep:
+        (home / "flwr-home" / "config.toml").write_text(security.connection(dep.port))
         link = dep.start("superlink", [
-            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(dep.port),
+            "flower-superlink", *security.superlink_args(),
+            "--host", "127.0.0.1", "--port", str(dep.port),
             "--database", str(home / "state.db"),
             # The app is lorafleet as installed here: nothing to install per run.
             "--disable-runtime-dependency-installation",
         ])
         _wait_for_port(dep.port, start_timeout, link, "flower-superlink",
                        home / "superlink.log")
+        if security.auth_dir is not None:
+            _register_nodes(dep)
         for i in range(nodes):
-            dep.start(f"supernode-{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{dep.port}",
-                "--host", "127.0.0.1", "--port", str(_free_port()),
-                "--node-config", f"partition-id={i} num-partitions={nodes}",
-            ])
-        console.print(f"started flower-superlink on 127.0.0.1:{dep.port} and {nodes} "
-                      f"flower-supernode(s); logs in {home}", highlight=False)
+            dep.start_supernode(i)
+        mode = ("TLS, SuperNode authentication" if security.auth_dir is not None
+                else "TLS" if not security.insecure else "insecure")
+        console.print(f"started flower-superlink on 127.0.0.1:{dep.port} ({mode}) and "
+                      f"{nodes} flower-supernode(s); logs in {home}", highlight=False)
         if on_started is not None:
             on_started(dep)
         submit = dep.start("flwr-run", [
             "flwr", "run", str(home / "app"), "loopback", "--stream",
             "--run-config", str(home / "run-config.toml"),
         ], log=False)
-        try:
-            submit.wait(timeout=run_timeout)
-        except subprocess.TimeoutExpired:
-            raise LorafleetError(f"the run did not finish within {run_timeout:g} s; finished "
-                                 f"rounds are kept in {out} (logs in {home})") from None
-        dep.descendants()  # note what ran, for the record
+        _wait_for_run(dep, submit, link, run_timeout, out)
     if not run.summary_path.exists():
         raise LorafleetError("the Flower run ended without a summary (its log is above; the "
                              f"nodes' logs are in {home}); finished rounds are kept: --resume")
     return dep
+
+
+def _wait_for_run(dep: Deployment, submit: subprocess.Popen[bytes],
+                  link: subprocess.Popen[bytes], run_timeout: float | None, out: Path) -> None:
+    """Wait for ``flwr run`` to end, noting the deployment's processes as they come (a
+    ClientApp lives for one message); stop early if the SuperLink dies."""
+    deadline = None if run_timeout is None else time.monotonic() + run_timeout
+    while True:
+        try:
+            submit.wait(timeout=0.5)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        dep.descendants()
+        if link.poll() is not None:
+            raise LorafleetError(
+                f"flower-superlink exited with status {link.returncode} during the run (see "
+                f"{dep.home / 'superlink.log'}); finished rounds are kept in {out}: --resume")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise LorafleetError(f"the run did not finish within {run_timeout:g} s; finished "
+                                 f"rounds are kept in {out} (logs in {dep.home})")

@@ -62,7 +62,7 @@ def serve(
     """
     console = console or Console(stderr=True)
     cfg = session.cfg
-    strategy = FederatedStrategy(session, cancel=cancel)
+    strategy = FederatedStrategy(session, round_timeout=round_timeout, cancel=cancel)
     strategy.summary()
     strategy.roll_call(grid, wait=node_wait)
     metric = session.exp.task.metric

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from lorafleet.errors import LorafleetError, UpdateRejected
 from lorafleet.runtimes.flower.wire import payload_record, read_reply
 from lorafleet.runtimes.session import Dispatch, FederatedSession, RoundTally
+from lorafleet.runtimes.trace import trace, tracing
 
 __all__ = ["FederatedStrategy", "RunCancelled", "exchange"]
 
@@ -49,13 +50,22 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float,
     """
     if cancel is not None and cancel.is_set():
         raise RunCancelled("interrupted before the messages were sent")
+    messages = list(messages)
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
+    if tracing():
+        for msg in messages:  # pushing gave each its id
+            trace("push", message=msg.metadata.message_id, type=msg.metadata.message_type,
+                  node=msg.metadata.dst_node_id, group=msg.metadata.group_id)
     replies: list[Message] = []
     while pending:
         if cancel is not None and cancel.is_set():
             raise RunCancelled("interrupted while waiting for the clients' replies")
         got = list(grid.pull_messages(pending))
+        for msg in got:
+            trace("reply", message=msg.metadata.reply_to_message_id,
+                  id=msg.metadata.message_id, node=msg.metadata.src_node_id,
+                  group=msg.metadata.group_id, error=msg.has_error())
         replies.extend(got)
         pending -= {msg.metadata.reply_to_message_id for msg in got}
         if not pending or time.monotonic() >= deadline:
@@ -74,13 +84,16 @@ class FederatedStrategy(Strategy):
 
     Args:
         session: the run's server side (experiment, state, ledger, clock, run directory).
+        round_timeout: seconds a round waits for its replies; a train message also expires
+            then, so a node that comes back later does not train a finished round.
         query_timeout: seconds to wait for nodes to answer the roll call.
         cancel: set it to make waits stop with :class:`RunCancelled`.
     """
 
-    def __init__(self, session: FederatedSession, *, query_timeout: float = 120.0,
-                 cancel: threading.Event | None = None) -> None:
+    def __init__(self, session: FederatedSession, *, round_timeout: float = 3600.0,
+                 query_timeout: float = 120.0, cancel: threading.Event | None = None) -> None:
         self.session = session
+        self.round_timeout = round_timeout
         self.query_timeout = query_timeout
         self.cancel = cancel
         self.experiment = session.cfg.to_yaml()
@@ -164,11 +177,16 @@ class FederatedStrategy(Strategy):
                 log.warning("client %d left out of round %d (%s)", cid, server_round, reason)
                 tally.rejected.append({"client": cid, "reason": reason})
                 continue
+            t0 = time.perf_counter()
             payload, sent = session.dispatch(tally, session.exp.clients[cid])
+            t1 = time.perf_counter()
             content = payload_record(payload, round=server_round, client=cid,
                                      experiment=self.experiment, base_delta=base_delta)
+            if tracing():
+                trace("payload", round=server_round, client=cid, node=node, plan_s=t1 - t0,
+                      encode_s=time.perf_counter() - t1, bytes=_content_bytes(content))
             messages.append(Message(content, node, MessageType.TRAIN,
-                                    group_id=str(server_round)))
+                                    ttl=self.round_timeout, group_id=str(server_round)))
             self._sent[node] = sent
         return messages
 
@@ -196,15 +214,21 @@ class FederatedStrategy(Strategy):
         for sent in sorted(self._sent.values(), key=lambda s: s.client.id):
             answer = by_client.get(sent.client.id)
             if answer is None:
-                session.drop(tally, sent, "client failed: no reply before the round's timeout")
+                session.drop(tally, sent, "client failed: no reply within the round timeout "
+                             f"({self.round_timeout:g} s)")
                 continue
             if answer.has_error():
                 error = answer.error
                 reason = (error.reason or f"error code {error.code}").splitlines()[0]
                 session.drop(tally, sent, f"client failed: {reason}"[:MAX_REASON])
                 continue
+            t0 = time.perf_counter()
             try:
                 reply = read_reply(answer.content, sent.client.id)
+                if tracing():
+                    trace("update", round=server_round, client=sent.client.id,
+                          decode_s=time.perf_counter() - t0,
+                          bytes=_content_bytes(answer.content))
             except UpdateRejected as err:
                 session.reject(tally, sent, err, bytes_up=_content_bytes(answer.content))
                 continue
