@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/split_memory.py
 	$(BIN)/python benchmarks/split_overhead.py
 	$(BIN)/python benchmarks/ray_split_overhead.py
+	$(BIN)/python benchmarks/ray_split_parallel.py
 	$(BIN)/python benchmarks/flower_overhead.py
 
 clean:

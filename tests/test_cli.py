@@ -35,6 +35,10 @@ def _one_line_error(args: list[str]) -> str:
     ("task.kind=regression", "task.kind: must be one of 'classification'"),
     ("train.lr=fast", "train.lr: Input should be a valid number"),
     ("algorithm=fsl", "algorithm: unknown algorithm 'fsl' (allowed: fslora, fedavg"),
+    ("ray.device_num_cpus=[1,2]", "ray.device_num_cpus: 2 values for 10 clients (allowed: one "
+                                  "number, or a list of num_clients=10 numbers)"),
+    ("ray.device_num_gpus=-0.5", "ray: device_num_gpus must be >= 0"),
+    ("ray.server_replicas=0", "ray.server_replicas: Input should be greater than or equal to 1"),
 ])
 def test_config_errors_name_the_field(tmp_path, override, expected):
     text = _one_line_error(["run", "--set", override, "--out", str(tmp_path / "r")])

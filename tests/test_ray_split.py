@@ -83,21 +83,55 @@ def test_a_device_actor_killed_mid_round_drops_the_client_and_comes_back(setup) 
     assert metrics["steps"] == 3 and set(trained) == set(payload.tensors)
 
 
-def test_ray_runtime_run_equals_the_local_run(setup, tmp_path: Path, tiny_llama4_dir: Path,
-                                              tiny_text_csv: Path) -> None:
-    """`runtime: ray` end to end (2 rounds of HSplitLoRA, 3 devices): the same merged model,
-    metrics rows and summary as the local runtime, but for wall times."""
-    from safetensors.torch import load_file
+def test_a_dead_server_actor_drops_the_client_and_a_new_one_takes_over(setup) -> None:
+    ray, workers, _, client, payload, batches = setup
+    split = int(payload.config["split_point"])
+    first = workers.server(0)
 
+    def kill_after_first_step(step: int, loss: float) -> None:
+        if step == 0:
+            ray.kill(first)
+
+    doomed = RaySplitTrainer(workers, client.id, seed=1, split_point=split, lr=0.01,
+                             on_step=kill_after_first_step)
+    with pytest.raises(RuntimeError, match="Ray actor died"):
+        doomed.train(payload.tensors, payload.ranks, payload.scaling, batches)
+    again = RaySplitTrainer(workers, client.id, seed=1, split_point=split, lr=0.01)
+    _, metrics = again.train(payload.tensors, payload.ranks, payload.scaling, batches)
+    assert workers.server(0) is not first and metrics["steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama4_dir: Path,
+              tiny_text_csv: Path):  # type: ignore[no-untyped-def]
+    """2 rounds of HSplitLoRA with 3 devices on the local runtime: (config, result, dir)."""
     from lorafleet.runtimes.local import run_local
     from tests.test_split_runtime import _overrides
 
     cfg = load_config(None, _overrides(tiny_llama4_dir, tiny_text_csv, "hsplitlora",
                                        threads=1))
-    local = run_local(cfg, tmp_path / "local", progress=False)
-    remote = run_local(cfg.model_copy(update={"runtime": "ray"}), tmp_path / "ray",
-                       progress=False)
-    a = load_file(tmp_path / "local" / "merged" / "model.safetensors")
+    out = tmp_path_factory.mktemp("local")
+    return cfg, run_local(cfg, out, progress=False), out
+
+
+@pytest.mark.parametrize("ray_settings", [
+    {},  # one server actor: clients one after another
+    # two server replicas (two clients at a time), devices reserving different CPUs
+    {"server_replicas": 2, "device_num_cpus": [1.0, 0.0, 1.0]},
+], ids=["sequential", "two-replicas-heterogeneous"])
+def test_ray_runtime_run_equals_the_local_run(setup, local_run, tmp_path: Path,
+                                              ray_settings: dict) -> None:  # type: ignore[type-arg]
+    """`runtime: ray` end to end: the same merged model, metrics rows and summary as the
+    local runtime, but for wall times, however many clients train at once."""
+    from safetensors.torch import load_file
+
+    from lorafleet.runtimes.local import run_local
+
+    cfg, local, local_dir = local_run
+    remote_cfg = cfg.model_copy(update={
+        "runtime": "ray", "ray": cfg.ray.model_copy(update=ray_settings)})
+    remote = run_local(remote_cfg, tmp_path / "ray", progress=False)
+    a = load_file(local_dir / "merged" / "model.safetensors")
     b = load_file(tmp_path / "ray" / "merged" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

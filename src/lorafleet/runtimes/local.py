@@ -12,6 +12,8 @@ Flower runtime calls too.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +92,13 @@ def _rounds(session: FederatedSession, console: Console, progress: bool,
             tally = session.begin_round(rnd)
             bars.start_round(rnd, len(tally.sampled),
                              done=len(tally.sampled) - len(tally.available))
-            for cid in tally.available:
-                client = exp.clients[cid]
-                payload, sent = session.dispatch(tally, client)
-                on_step = functools.partial(bars.step, rnd, client, steps=exp.steps_per_round)
-                trainer: Any = (make_trainer(exp, payload, on_step) if workers is None
-                                else _ray_trainer(exp, workers, payload, cid, rnd, on_step))
-                try:
-                    result, tokens = train_client(exp, trainer, payload, cid, rnd)
-                except CLIENT_ERRORS as err:
+            for cid, payload, sent, trainer, outcome in _trained(session, tally, workers, bars):
+                if isinstance(outcome, BaseException):
                     # A failing client is dropped from this round; the others aggregate.
-                    session.drop(tally, sent, failure_reason(err))
+                    session.drop(tally, sent, failure_reason(outcome))
                     bars.client_done()
                     continue
+                result, tokens = outcome
                 if exp.algorithm.split_learning:
                     # Only the device's adapters cross its link; the server's per-client
                     # adapters stay with the (main and fed) server.
@@ -123,6 +119,43 @@ def _rounds(session: FederatedSession, console: Console, progress: bool,
             if stop_after is not None and rnd >= stop_after and rnd < rounds:
                 return RunResult(summary={}, metrics=session.rows)
     return RunResult(summary=session.finish(), metrics=session.rows)
+
+
+def _trained(session: FederatedSession, tally: Any, workers: Any, bars: RunProgress
+             ) -> Iterator[tuple[int, Payload, Any, Any, Any]]:
+    """(client, payload, dispatch, trainer, (result, tokens) or the error) for every available
+    client of the round, in client order.
+
+    Clients train one after another, except on Ray with ``ray.server_replicas`` > 1, where
+    up to that many train at the same time (each on its own actors); the order the results
+    are settled in stays the clients' order either way.
+    """
+    exp, rnd = session.exp, tally.round
+
+    def start(cid: int) -> tuple[int, Payload, Any, Any]:
+        client = exp.clients[cid]
+        payload, sent = session.dispatch(tally, client)
+        on_step = functools.partial(bars.step, rnd, client, steps=exp.steps_per_round)
+        trainer: Any = (make_trainer(exp, payload, on_step) if workers is None
+                        else _ray_trainer(exp, workers, payload, cid, rnd, on_step))
+        return cid, payload, sent, trainer
+
+    def train(job: tuple[int, Payload, Any, Any]) -> Any:
+        cid, payload, _, trainer = job
+        try:
+            return train_client(exp, trainer, payload, cid, rnd)
+        except CLIENT_ERRORS as err:
+            return err
+
+    if workers is None or workers.replicas == 1:
+        for cid in tally.available:
+            job = start(cid)
+            yield (*job, train(job))
+        return
+    jobs = [start(cid) for cid in tally.available]
+    with ThreadPoolExecutor(workers.replicas, thread_name_prefix="lorafleet-client") as pool:
+        for job, future in zip(jobs, [pool.submit(train, job) for job in jobs], strict=True):
+            yield (*job, future.result())
 
 
 def _ray_trainer(exp: Experiment, workers: Any, payload: Payload, client: int, rnd: int,

@@ -16,8 +16,14 @@ driver); only the loss comes back to the driver. Everything that crosses a proce
 round's training seed, so a model without dropout trains bit for bit what the local split
 runtime trains (with dropout, each process draws its own masks).
 
-Clients train one after another (the server actor holds one client's server-side adapters
-at a time, like the local runtime). For algorithms that merge into the base (HSplitLoRA)
+A server actor holds one client's server-side adapters at a time. With
+``ray.server_replicas: n`` there are n server actors and up to n clients of a round train
+at the same time (each on its own device actor and a free replica); the round's results are
+settled in client order, so they do not depend on n. Device actors reserve their own CPUs
+and GPUs (``ray.device_num_cpus`` / ``device_num_gpus``: one number, or one per client for a
+heterogeneous fleet), and an actor with one or more CPUs runs torch on that many threads.
+
+For algorithms that merge into the base (HSplitLoRA)
 the driver puts the merged update in the object store after every aggregation and each
 actor applies it before its next round (the byte ledger counts what the algorithm models:
 the stacked factors of the device's layers). A device actor that dies is dropped from that round
@@ -32,6 +38,7 @@ is started. Resources per actor come from the ``ray`` config section.
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -160,15 +167,56 @@ class RaySplitWorkers:
     def __init__(self, cfg: ExperimentConfig, address: str | None = None) -> None:
         ray = _ray()
         self.cfg = cfg
+        self.replicas = cfg.ray.server_replicas
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING)
+        self._check_fits(ray)
         self._yaml = cfg.to_yaml()
         self._devices: dict[int, Any] = {}
-        self._server: Any = None
+        self._servers: dict[int, Any] = {}
+        self._free: queue.Queue[int] = queue.Queue()  # server replicas not training now
+        for slot in range(self.replicas):
+            self._free.put(slot)
         self._delta: Any = None  # object ref of the merged base update, if any
         self._delta_version = 0
         self._seen: dict[Any, int] = {}  # actor -> delta version it holds
+
+    def _check_fits(self, ray: Any) -> None:
+        """Refuse, in one line, actors no Ray node can ever host (they would wait forever)."""
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+        def fits(need: dict[str, float]) -> bool:
+            return any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes)
+
+        def largest(key: str) -> float:
+            return max((n.get(key, 0.0) for n in nodes), default=0.0)
+
+        rc = self.cfg.ray
+        asks = [(f"ray.device_*: client {c}",
+                 {"CPU": rc.device_resources(c)[0], "GPU": rc.device_resources(c)[1],
+                  **rc.device_custom(c)}) for c in range(self.cfg.num_clients)]
+        server = {"CPU": rc.server_num_cpus, "GPU": rc.server_num_gpus}
+        asks.append(("ray.server_num_cpus/gpus: the main server", server))
+        for who, need in asks:
+            if not fits(need):
+                wants = ", ".join(f"{v:g} {k}" for k, v in need.items())
+                has = ", ".join(f"{largest(k):g} {k}" for k in need)
+                raise LorafleetError(f"{who} reserves {wants}, but no Ray node has that much "
+                                     f"(largest: {has}); lower the request or add a node")
+        # Actors live for the whole run: together they must fit in the cluster.
+        total: dict[str, float] = {}
+        for _, need in [*asks[:-1], *[("", server)] * rc.server_replicas]:
+            for key, value in need.items():
+                total[key] = total.get(key, 0.0) + value
+        short = [k for k, v in total.items() if v > sum(n.get(k, 0.0) for n in nodes) + 1e-9]
+        if short:
+            wants = ", ".join(f"{total[k]:g} {k}" for k in short)
+            has = ", ".join(f"{sum(n.get(k, 0.0) for n in nodes):g} {k}" for k in short)
+            raise LorafleetError(
+                f"ray: the run's actors ({self.cfg.num_clients} devices, {rc.server_replicas} "
+                f"server replicas) reserve {wants} in all, but the cluster has {has}; lower "
+                "ray.* or add nodes")
 
     def set_base_delta(self, deltas: Tensors) -> None:
         """The fed server's merged base update (algorithms that merge into the base): every
@@ -183,47 +231,58 @@ class RaySplitWorkers:
             self._seen[actor] = self._delta_version
         return actor
 
-    def _options(self, cpus: float, gpus: float) -> dict[str, Any]:
-        return {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 0}
+    def _options(self, cpus: float, gpus: float, custom: dict[str, float] | None = None
+                 ) -> dict[str, Any]:
+        return {"num_cpus": cpus, "num_gpus": gpus, "resources": custom or {},
+                "max_restarts": 0}
+
+    def device_threads(self, client: int) -> int | None:
+        """torch threads of ``client``'s device actor: ``threads`` if set, else the CPUs it
+        reserves (from one up), else torch's default."""
+        cpus, _ = self.cfg.ray.device_resources(client)
+        return self.cfg.threads or (int(cpus) if cpus >= 1 else None)
 
     def device(self, client: int) -> Any:
         """The actor of ``client`` (started now if it is not running)."""
         if client not in self._devices:
             device_cls, _ = _actor_classes()
-            rc = self.cfg.ray
             self._devices[client] = device_cls.options(
-                **self._options(rc.device_num_cpus, rc.device_num_gpus),
-                name=None).remote(self._yaml, self.cfg.threads)
+                **self._options(*self.cfg.ray.device_resources(client),
+                                self.cfg.ray.device_custom(client))).remote(
+                self._yaml, self.device_threads(client))
         return self._devices[client]
 
-    def server(self) -> Any:
-        """The main-server actor (started now if it is not running)."""
-        if self._server is None:
+    def server(self, slot: int = 0) -> Any:
+        """Main-server replica ``slot`` (started now if it is not running)."""
+        if slot not in self._servers:
             _, server_cls = _actor_classes()
             rc = self.cfg.ray
-            self._server = server_cls.options(
+            self._servers[slot] = server_cls.options(
                 **self._options(rc.server_num_cpus, rc.server_num_gpus)).remote(
                 self._yaml, self.cfg.threads)
-        return self._server
+        return self._servers[slot]
 
-    def forget(self, client: int | None) -> None:
-        """Drop a dead actor (the device's, or the server's with None); the next use
-        starts a new one."""
-        actor = self._server if client is None else self._devices.get(client)
+    def acquire(self) -> int:
+        """A server replica no client is training on (waits for one)."""
+        return self._free.get()
+
+    def release(self, slot: int) -> None:
+        self._free.put(slot)
+
+    def forget(self, actor: Any) -> None:
+        """Drop a dead actor (a device's or a server replica); the next use starts a new one."""
         self._seen.pop(actor, None)
-        if client is None:
-            self._server = None
-        else:
-            self._devices.pop(client, None)
+        for actors in (self._devices, self._servers):
+            for key in [k for k, a in actors.items() if a is actor]:
+                del actors[key]
 
     def shutdown(self) -> None:
         """Stop every actor this run started."""
         ray = _ray()
-        for actor in [*self._devices.values(), self._server]:
-            if actor is not None:
-                ray.kill(actor)
+        for actor in [*self._devices.values(), *self._servers.values()]:
+            ray.kill(actor)
         self._devices.clear()
-        self._server = None
+        self._servers.clear()
         self._seen.clear()
 
 
@@ -264,30 +323,37 @@ class RaySplitTrainer:
               ) -> tuple[Tensors, dict[str, float]]:
         """One round of split training on the actors; see the module doc."""
         ray = _ray()
+        slot = self.workers.acquire()
         try:
-            return self._train(ray, tensors, ranks, scaling, batches)
+            return self._guarded(ray, slot, tensors, ranks, scaling, batches)
+        finally:
+            self.workers.release(slot)
+
+    def _guarded(self, ray: Any, slot: int, tensors: Mapping[str, torch.Tensor],
+                 ranks: Mapping[str, int], scaling: Mapping[str, float],
+                 batches: Iterable[Batch]) -> tuple[Tensors, dict[str, float]]:
+        """:meth:`_train` on server replica ``slot``, with a dead actor turned into a
+        dropped client."""
+        device, server = self.workers.device(self.client), self.workers.server(slot)
+        try:
+            self.workers.synced(device)
+            self.workers.synced(server)
+            return self._train(ray, device, server, tensors, ranks, scaling, batches)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
                 ray.exceptions.ActorUnavailableError) as err:
-            dead = getattr(err, "actor_id", None)
-            server = self.workers._server
-            if server is not None and dead is not None and \
-                    getattr(server, "_actor_id", None) is not None and \
-                    server._actor_id.hex() == getattr(dead, "hex", lambda: dead)():
-                self.workers.forget(None)
-            else:
-                self.workers.forget(self.client)
-            log.warning("client %d: a Ray actor died during its round (%s); dropped from "
-                        "this round, restarted when next sampled", self.client,
-                        type(err).__name__)
+            # RayActorError.actor_id: the dead actor's id as a hex string
+            dead_server = getattr(err, "actor_id", None) == server._actor_id.hex()
+            self.workers.forget(server if dead_server else device)
+            who = "the main-server actor" if dead_server else "its device actor"
+            log.warning("client %d: %s died during its round (%s); dropped from this round, "
+                        "restarted when next needed", self.client, who, type(err).__name__)
             raise RuntimeError(f"Ray actor died: {type(err).__name__}") from None
         except ray.exceptions.RayTaskError as err:
             raise RuntimeError(f"Ray task failed: {str(err).splitlines()[0]}") from None
 
-    def _train(self, ray: Any, tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
-               scaling: Mapping[str, float], batches: Iterable[Batch]
+    def _train(self, ray: Any, device: Any, server: Any, tensors: Mapping[str, torch.Tensor],
+               ranks: Mapping[str, int], scaling: Mapping[str, float], batches: Iterable[Batch]
                ) -> tuple[Tensors, dict[str, float]]:
-        device = self.workers.synced(self.workers.device(self.client))
-        server = self.workers.synced(self.workers.server())
         own = self.device_side(tensors)
         rest = {k: v for k, v in tensors.items() if k not in own}
         ray.get([device.begin.remote(own, dict(ranks), dict(scaling), self.options, self.seed),
