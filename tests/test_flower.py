@@ -131,6 +131,76 @@ def test_a_node_says_which_client_it_is():
                              run_config={}))
 
 
+# ----------------------------------------------------------------------------- node's own data
+def _write_rows(path: Path, rows: list[tuple[str, str]]) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "sentence", "topic"])
+        writer.writerows((i, text, topic) for i, (text, topic) in enumerate(rows))
+    return path
+
+
+def test_a_node_trains_on_its_own_file_exactly_as_on_its_partition(tmp_path, tiny_bert_dir,
+                                                                    tiny_text_csv):
+    """`data-path`: a node whose file holds exactly its partition sends exactly the update
+    the partition-trained node sends; a file with other examples gives another update."""
+    from lorafleet.data.datasets import load_text_dataset, train_eval_split
+    from lorafleet.experiment import build_experiment
+    from lorafleet.runtimes.flower.wire import payload_record, read_reply
+
+    cfg = _config(tiny_bert_dir, tiny_text_csv)
+    exp = build_experiment(cfg)
+    train, _ = train_eval_split(load_text_dataset(cfg.data, cfg.seed), cfg.data.eval_fraction,
+                                cfg.seed)
+    names = exp.label_names
+    own = [(train[i].text, names[train[i].label]) for i in exp.parts[0]]  # type: ignore[index]
+    mine = _write_rows(tmp_path / "mine.csv", own)
+    other = _write_rows(tmp_path / "other.csv", [(f"a completely different note {i}", "finance")
+                                                  for i in range(9)])
+    payload = exp.algorithm.plan(exp.algorithm.init_state(), exp.clients[0], 1)
+
+    def update(data_path: str | None) -> dict[str, torch.Tensor]:
+        content = payload_record(payload, round=1, client=0, experiment=cfg.to_yaml())
+        reply = read_reply(train_reply(content, 0, data_path), client=0)
+        assert reply.failure is None and reply.result is not None, reply.failure
+        return reply.result.tensors
+
+    partition, own_file, other_file = update(None), update(str(mine)), update(str(other))
+    assert all(torch.equal(partition[k], own_file[k]) for k in partition)
+    assert any(not torch.equal(partition[k], other_file[k]) for k in partition)
+
+
+def test_a_nodes_own_file_maps_classes_by_name_and_refuses_unknown_ones(tmp_path,
+                                                                        tiny_bert_dir,
+                                                                        tiny_text_csv):
+    from lorafleet.experiment import build_experiment, with_local_data
+
+    exp = build_experiment(_config(tiny_bert_dir, tiny_text_csv))
+    only_finance = _write_rows(tmp_path / "f.csv", [("stocks fell again", "finance")] * 5)
+    view = with_local_data(exp, 1, str(only_finance))
+    finance = exp.label_names.index("finance")
+    assert finance != 0  # the file's own class list is ["finance"]: id 0 there
+    assert [item.labels for item in view.train_items] == [finance] * 5
+    assert view.parts[1] == list(range(5)) and view.clients[1].num_examples == 5
+    assert view.clients[0] == exp.clients[0]
+    strange = _write_rows(tmp_path / "s.csv", [("a poem", "poetry"), ("rates", "finance")])
+    with pytest.raises(ConfigError) as err:
+        with_local_data(exp, 1, str(strange))
+    assert str(err.value) == ("config error: data-path: " + str(strange) + " holds classes "
+                              "['poetry'] the experiment does not know (allowed: cooking, "
+                              "finance, weather)")
+    from lorafleet.runtimes.flower.wire import payload_record, read_reply
+
+    payload = exp.algorithm.plan(exp.algorithm.init_state(), exp.clients[1], 1)
+    content = payload_record(payload, round=1, client=1, experiment=exp.cfg.to_yaml())
+    reply = read_reply(train_reply(content, 1, str(tmp_path / "missing.csv")), client=1)
+    assert reply.result is None and reply.failure is not None
+    assert reply.failure.startswith("client failed: config error: data-path:")
+    assert "missing.csv" in reply.failure and "\n" not in reply.failure
+
+
 # ----------------------------------------------------------------------------- parity (fast)
 @pytest.mark.parametrize("algorithm", ["fslora", "fedavg", "flora"])
 def test_flower_strategy_gives_the_local_run(tmp_path, tiny_bert_dir, tiny_text_csv,
@@ -538,6 +608,45 @@ def test_deploy_local_cli_refuses_auth_without_tls_in_one_line(tmp_path, tiny_be
     text = res.output.strip()
     assert "needs TLS" in text and len(text.splitlines()) == 1, text
     assert not (tmp_path / "run" / "deploy" / "superlink.log").exists()
+
+
+def test_flower_app_writes_what_flwr_run_needs_and_the_server_app_runs_it(
+        tmp_path, tiny_bert_dir, tiny_text_csv):
+    """`lorafleet flower-app` (deployments across machines): the app names lorafleet's
+    components, and its run config drives the ServerApp to a finished run."""
+    import tomllib
+
+    from lorafleet.runtimes.flower.client_app import app as client_app
+    from lorafleet.runtimes.flower.server_app import main
+
+    sets = [a for o in tiny_overrides(tiny_bert_dir, tiny_text_csv, threads=1, rounds=1)
+            for a in ("--set", o)]
+    res = CliRunner().invoke(cli_app, ["flower-app", "--app", str(tmp_path / "fa"),
+                                       "--out", str(tmp_path / "run"), "--round-timeout", "60",
+                                       *sets])
+    assert res.exit_code == 0, res.output
+    assert "flwr run" in res.output and "partition-id=I" in res.output
+    app_toml = tomllib.loads((tmp_path / "fa" / "app" / "pyproject.toml").read_text())
+    assert app_toml["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "lorafleet.runtimes.flower.server_app:app",
+        "clientapp": "lorafleet.runtimes.flower.client_app:app"}
+    run_config = tomllib.loads((tmp_path / "fa" / "run-config.toml").read_text())
+    assert run_config["out"] == str((tmp_path / "run").resolve())
+    assert run_config["round-timeout"] == 60.0 and run_config["resume"] is False
+    cfg = load_config(Path(run_config["config"]), [])
+    assert cfg.rounds == 1 and cfg.model.name == str(tiny_bert_dir)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    main(InProcessGrid(client_app, cfg.num_clients), context)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["algorithm"] == cfg.algorithm
+
+
+def test_flower_app_refuses_split_learning_in_one_line(tmp_path):
+    res = CliRunner().invoke(cli_app, ["flower-app", "--app", str(tmp_path / "fa"),
+                                       "--set", "algorithm=hsplitlora"])
+    assert res.exit_code != 0 and "belongs on Ray" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "fa").exists()
 
 
 @pytest.mark.slow

@@ -191,6 +191,62 @@ def deploy_local(
         f"{s['bytes_down']:,}. Results in {directory}", highlight=False, soft_wrap=True)
 
 
+@app.command("flower-app")
+def flower_app(
+    config: Annotated[Path | None, typer.Argument(
+        help="Experiment YAML (default: the demo); omit with --resume.")] = None,
+    app_dir: Annotated[Path, typer.Option(
+        "--app", help="Where to write app/, experiment.yaml and run-config.toml.")] = Path(
+        "flower-app"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Run directory the ServerApp writes (default runs/<name>), on "
+        "the SuperLink's machine.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config field (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its checkpoint.")] = False,
+    round_timeout: Annotated[float, typer.Option(
+        help="Seconds a round waits for its nodes; a node that has not replied by then "
+        "is dropped from that round.")] = 3600.0,
+    node_wait: Annotated[float, typer.Option(
+        help="Seconds to wait, before round 1, for every client's node.")] = 120.0,
+) -> None:
+    """Write a Flower app for a deployment across machines (run it on the SuperLink's
+    machine, then `flwr run APP/app CONNECTION --run-config APP/run-config.toml --stream`;
+    see docs/deploy.md)."""
+    from lorafleet.config import load_config
+
+    try:
+        from lorafleet.runtimes.flower.deploy import write_app
+        from lorafleet.runtimes.flower.server_app import require_federated
+    except ImportError as err:
+        _fail(f"flower-app needs Flower ({err}); install the extra: "
+              "pip install 'lorafleet[flower]'")
+        return
+    try:
+        if resume and out is None:
+            _fail("--resume needs --out DIR (the run to continue)")
+            return
+        cfg = None if resume and config is None and not set_ else load_config(
+            config, set_ or [])
+        if cfg is not None:
+            require_federated(cfg)
+        if round_timeout <= 0:
+            raise LorafleetError(f"--round-timeout must be positive, got {round_timeout:g}")
+        directory = out or Path("runs") / (cfg.name if cfg else "experiment")
+        run_config = write_app(app_dir, cfg, directory, resume=resume,
+                               round_timeout=round_timeout, node_wait=node_wait)
+    except LorafleetError as err:
+        _fail(str(err))
+        return
+    clients = f" (one per client, 0..{cfg.num_clients - 1})" if cfg else ""
+    out_console.print(
+        f"wrote {app_dir / 'app'} and {run_config}. Start flower-supernode --node-config "
+        f"\"partition-id=I\" on each device{clients}, then on this machine:\n"
+        f"  flwr run {app_dir.resolve() / 'app'} CONNECTION --run-config {run_config} --stream",
+        highlight=False, soft_wrap=True)
+
+
 @app.command()
 def compare(
     config: Annotated[Path | None, typer.Argument(help="Experiment YAML (default: the demo).")

@@ -38,7 +38,7 @@ from lorafleet.split.cost import ModelDims
 from lorafleet.split.planner import check_rank_set
 
 __all__ = ["Experiment", "build_experiment", "check_config", "client_batches", "derive_seed",
-           "resolve_algorithm", "sample_clients", "split_context"]
+           "resolve_algorithm", "sample_clients", "split_context", "with_local_data"]
 
 
 @dataclass
@@ -212,6 +212,43 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         steps_per_round=steps,
         split=ctx,
     )
+
+
+def with_local_data(exp: Experiment, client: int, path: str) -> Experiment:
+    """``exp`` as seen by a device that trains on its own data (a deployment node's
+    ``data-path``) instead of its partition of the shared dataset.
+
+    The file is read with the experiment's ``data`` settings (fields, length; every row
+    kept) and encoded for its task; class names map to the experiment's class ids by name.
+    Only ``client``'s examples are meaningful in the returned view.
+
+    Raises:
+        ConfigError: the file cannot be read, lacks the label column the task needs, or
+            holds a class the experiment does not know.
+    """
+    data = exp.cfg.data.model_copy(update={"dataset": path, "max_examples": None})
+    try:
+        dataset = load_text_dataset(data, exp.cfg.seed)
+    except ConfigError as err:
+        raise ConfigError("data-path", str(err).removeprefix("config error: ")) from None
+    examples = dataset.examples
+    if exp.label_names:
+        if not dataset.label_names:
+            raise ConfigError("data-path", f"{path} has no '{data.label_field}' column; this "
+                              f"experiment classifies into {', '.join(exp.label_names)}")
+        unknown = sorted(set(dataset.label_names) - set(exp.label_names))
+        if unknown:
+            raise ConfigError("data-path", f"{path} holds classes {unknown[:5]} the experiment "
+                              f"does not know (allowed: {', '.join(exp.label_names)})")
+        ids = [exp.label_names.index(name) for name in dataset.label_names]
+        examples = [dataclasses.replace(ex, label=ids[ex.label]) if ex.label is not None
+                    else ex for ex in examples]
+    items = exp.task.encode(examples)
+    parts: list[list[int]] = [[] for _ in exp.parts]
+    parts[client] = list(range(len(items)))
+    clients = [dataclasses.replace(c, num_examples=len(items)) if c.id == client else c
+               for c in exp.clients]
+    return dataclasses.replace(exp, train_items=items, parts=parts, clients=clients)
 
 
 def sample_clients(seed: int, round: int, num_clients: int, per_round: int | None) -> list[int]:

@@ -1,7 +1,10 @@
 """The Flower ClientApp: one lorafleet client per node, training with the local runtime's code.
 
 A node is client ``partition-id`` of the fleet (``node_config``: set by the Simulation Engine,
-or ``flower-supernode --node-config "partition-id=3"`` in a deployment). Each train message
+or ``flower-supernode --node-config "partition-id=3"`` in a deployment). By default it
+trains on its partition of the experiment's dataset; a deployed node whose data stays on
+the device names its own file instead (``--node-config 'partition-id=3
+data-path="/data/mine.csv"'``, read with the experiment's ``data`` fields). Each train message
 carries the resolved experiment config; the node builds the experiment (data, partition,
 base model) once per process and keeps it, since Flower creates the ClientApp afresh for
 every message. Training is :func:`lorafleet.runtimes.session.train_client`, the function the
@@ -26,11 +29,13 @@ from lorafleet.runtimes.trace import trace, tracing
 if TYPE_CHECKING:
     from lorafleet.experiment import Experiment
 
-__all__ = ["SPLIT_REFUSAL", "app", "client_experiment", "partition_of", "train_reply"]
+__all__ = ["SPLIT_REFUSAL", "app", "client_experiment", "local_data_experiment", "partition_of",
+           "train_reply"]
 
 log = logging.getLogger("lorafleet")
 
 PARTITION_ID = "partition-id"
+DATA_PATH = "data-path"  # optional: train on this file instead of the partition
 SPLIT_REFUSAL = ("{name} is split learning, which does not run on Flower (a ClientApp is "
                  "recreated per message and idle SuperNodes poll every 3 s, far too slow for "
                  "per-step activations): split learning belongs on Ray or the local runtime")
@@ -48,6 +53,15 @@ def client_experiment(experiment_yaml: str) -> Experiment:
     return build_experiment(validate_config(yaml.safe_load(experiment_yaml) or {}))
 
 
+@functools.lru_cache(maxsize=1)
+def local_data_experiment(experiment_yaml: str, client: int, path: str) -> Experiment:
+    """The experiment of ``experiment_yaml`` with client ``client`` training on the file at
+    ``path`` (the node's ``data-path``), built once per process."""
+    from lorafleet.experiment import with_local_data
+
+    return with_local_data(client_experiment(experiment_yaml), client, path)
+
+
 def partition_of(context: Context) -> int:
     """The fleet client id this node plays (``node_config["partition-id"]``)."""
     if PARTITION_ID not in context.node_config:
@@ -56,11 +70,14 @@ def partition_of(context: Context) -> int:
     return int(context.node_config[PARTITION_ID])
 
 
-def train_reply(content: RecordDict, partition_id: int) -> RecordDict:
+def train_reply(content: RecordDict, partition_id: int, data_path: str | None = None
+                ) -> RecordDict:
     """Train the payload in ``content`` as client ``partition_id``; the reply's content.
 
-    A failure the local runtime would drop the client for becomes a failure reply; a
-    message meant for another client or a split-learning experiment is refused the same way.
+    With ``data_path`` (the node's ``data-path``) the client trains on that file instead
+    of its partition of the experiment's dataset. A failure the local runtime would drop the
+    client for becomes a failure reply; a message meant for another client, a
+    split-learning experiment or an unreadable data file is refused the same way.
     """
     entered, t0 = time.time(), time.perf_counter()
     from lorafleet.runtimes.flower.wire import failure_record, read_payload, update_record
@@ -84,6 +101,12 @@ def train_reply(content: RecordDict, partition_id: int) -> RecordDict:
     if not 0 <= partition_id < len(exp.clients):
         return failure_record(f"client failed: partition-id {partition_id} is not a client of "
                               f"this fleet (0..{len(exp.clients) - 1})")
+    try:
+        if data_path:
+            exp = local_data_experiment(order.experiment, partition_id, data_path)
+    except CLIENT_ERRORS as err:
+        log.warning("client %d: %s", partition_id, err)
+        return failure_record(f"client failed: {err}".splitlines()[0])
     trainer = make_trainer(exp, order.payload)
     try:
         if exp.algorithm.merges_into_base:  # the server's merged update, as in the local runtime
@@ -115,7 +138,9 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the message's payload as this node's client."""
-    return Message(train_reply(msg.content, partition_of(context)), reply_to=msg)
+    data_path = context.node_config.get(DATA_PATH)
+    return Message(train_reply(msg.content, partition_of(context),
+                               str(data_path) if data_path else None), reply_to=msg)
 
 
 @app.query()

@@ -49,7 +49,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.flower.server_app import require_federated
 
-__all__ = ["Deployment", "Security", "deploy_local"]
+__all__ = ["Deployment", "Security", "deploy_local", "write_app"]
 
 APP_PYPROJECT = """\
 [build-system]
@@ -78,6 +78,36 @@ resume = false
 round-timeout = 3600.0
 node-wait = 120.0
 """
+
+
+def write_app(home: Path, cfg: ExperimentConfig | None, out: Path, *, resume: bool = False,
+              round_timeout: float = 3600.0, node_wait: float = 120.0) -> Path:
+    """Write what ``flwr run`` needs to run an experiment on lorafleet's installed app.
+
+    ``home/app/pyproject.toml`` (a Flower app naming lorafleet's ServerApp and ClientApp: the
+    FAB carries no code, every machine runs its installed lorafleet),
+    ``home/experiment.yaml`` (the resolved config; not written when ``cfg`` is None, i.e.
+    resuming) and ``home/run-config.toml`` (where the ServerApp reads it and writes the run
+    directory ``out``: paths on the SuperLink's machine).
+
+    Returns:
+        The run-config file (``flwr run HOME/app CONNECTION --run-config`` it).
+    """
+    home = home.resolve()
+    (home / "app").mkdir(parents=True, exist_ok=True)
+    (home / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
+    experiment = home / "experiment.yaml"
+    if cfg is not None:
+        experiment.write_text(cfg.to_yaml())
+    strings = {"config": str(experiment) if cfg is not None else "", "out": str(out.resolve())}
+    numbers = {"resume": "true" if resume else "false",
+               "round-timeout": repr(float(round_timeout)),
+               "node-wait": repr(float(node_wait))}
+    run_config = home / "run-config.toml"
+    run_config.write_text(
+        "".join(f"{k} = {_toml_string(v)}\n" for k, v in strings.items())
+        + "".join(f"{k} = {v}\n" for k, v in numbers.items()))
+    return run_config
 
 
 def _free_port() -> int:
@@ -416,21 +446,11 @@ def deploy_local(
     security.check(nodes)
     home = out / "deploy"
     (home / "flwr-home").mkdir(parents=True, exist_ok=True)
-    (home / "app").mkdir(exist_ok=True)
-    (home / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
     # Flower's state is this deployment's only (registered keys, runs): start it afresh.
     for db in home.glob("state.db*"):
         db.unlink()
-    experiment = home / "experiment.yaml"
-    if cfg is not None:
-        experiment.write_text(cfg.to_yaml())
-    strings = {"config": str(experiment) if cfg is not None else "", "out": str(out)}
-    numbers = {"resume": "true" if resume else "false",
-               "round-timeout": repr(float(round_timeout)),
-               "node-wait": repr(float(start_timeout if node_wait is None else node_wait))}
-    (home / "run-config.toml").write_text(
-        "".join(f"{k} = {_toml_string(v)}\n" for k, v in strings.items())
-        + "".join(f"{k} = {v}\n" for k, v in numbers.items()))
+    write_app(home, cfg, out, resume=resume, round_timeout=round_timeout,
+              node_wait=start_timeout if node_wait is None else node_wait)
 
     with _deployment(home, nodes, security) as dep:
         (home / "flwr-home" / "config.toml").write_text(security.connection(dep.port))
