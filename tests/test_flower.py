@@ -599,6 +599,23 @@ def test_security_refuses_missing_files_and_auth_without_tls(tmp_path):
         secure.connection(9)
 
 
+@pytest.mark.parametrize(("node_data", "expected"), [
+    ("zero=a.csv", "--node-data 'zero=a.csv': expected I=PATH"),
+    ("5={csv}", "--node-data 5=...: node 5 is not started (nodes 0..1)"),
+    ("0={missing}", "no such file"),
+])
+def test_deploy_local_cli_refuses_bad_node_data_in_one_line(tmp_path, tiny_bert_dir,
+                                                            tiny_text_csv, node_data, expected):
+    value = node_data.format(csv=tiny_text_csv, missing=tmp_path / "missing.csv")
+    res = CliRunner().invoke(cli_app, [
+        "deploy-local", "--out", str(tmp_path / "run"), "--node-data", value,
+        *[a for o in tiny_overrides(tiny_bert_dir, tiny_text_csv) for a in ("--set", o)]])
+    assert res.exit_code != 0
+    text = res.output.strip()
+    assert expected in text and len(text.splitlines()) == 1, text
+    assert not (tmp_path / "run" / "deploy" / "superlink.log").exists()
+
+
 def test_deploy_local_cli_refuses_auth_without_tls_in_one_line(tmp_path, tiny_bert_dir,
                                                                tiny_text_csv):
     res = CliRunner().invoke(cli_app, [
@@ -653,7 +670,10 @@ def test_flower_app_refuses_split_learning_in_one_line(tmp_path):
 def test_deploy_local_over_tls_with_supernode_authentication(tmp_path, tiny_bert_dir,
                                                              tiny_text_csv):
     """TLS on every link and registered SuperNode keys: 2 authorised nodes train 2 rounds;
-    a third node with a key the SuperLink does not know is refused and never trains."""
+    a third node with a key the SuperLink does not know is refused and never trains. The
+    nodes train on their own files (``data-path`` through Flower's node config): node 0's
+    is fine, node 1's holds a class the experiment does not know and is refused with its
+    reason every round."""
     from lorafleet.runtimes.flower.deploy import Deployment, Security, deploy_local
 
     torch.set_num_threads(1)
@@ -670,9 +690,13 @@ def test_deploy_local_over_tls_with_supernode_authentication(tmp_path, tiny_bert
             proc.wait(timeout=60)
         rogue.append(proc.poll())
 
+    own = _write_rows(tmp_path / "own file.csv", [(f"rates rose in quarter {i}", "finance")
+                                                  for i in range(8)])
+    bad = _write_rows(tmp_path / "bad.csv", [("a poem about the sea", "poetry")])
     t0 = time.perf_counter()
     dep = deploy_local(cfg, tmp_path / "run", nodes=2, node_wait=5.0, on_started=add_rogue,
-                       security=Security(tls_dir=tmp_path / "tls", auth_dir=tmp_path / "keys"))
+                       security=Security(tls_dir=tmp_path / "tls", auth_dir=tmp_path / "keys"),
+                       node_data={0: own, 1: bad})
     print(f"deploy-local (TLS + auth) wall seconds: {time.perf_counter() - t0:.1f}")
     home = tmp_path / "run" / "deploy"
     assert "https://127.0.0.1" in (home / "superlink.log").read_text()  # TLS, not HTTP
@@ -680,9 +704,13 @@ def test_deploy_local_over_tls_with_supernode_authentication(tmp_path, tiny_bert
     assert "Failed to activate SuperNode" in (home / "rogue.log").read_text()
     rows = _rows(tmp_path / "run")
     assert [r["round"] for r in rows] == [0, 1, 2]
+    refused = (f"client failed: config error: data-path: {bad.resolve()} holds classes "
+               "['poetry'] the experiment does not know (allowed: cooking, finance, weather)")
     for row in rows[1:]:
-        assert row["clients"] == [0, 1]
-        assert row["rejected"] == [{"client": 2, "reason": "unreachable: no node is client 2"}]
+        assert row["clients"] == [0]
+        assert sorted(row["rejected"], key=lambda r: r["client"]) == [
+            {"client": 1, "reason": refused},
+            {"client": 2, "reason": "unreachable: no node is client 2"}]
     for f in (*RUN_FILES, "adapter/adapter_model.safetensors"):
         assert (tmp_path / "run" / f).exists(), f
     names = [name for name, _ in dep.procs]

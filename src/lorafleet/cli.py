@@ -81,7 +81,7 @@ def run(
     _setup_logging(verbose)
     from lorafleet.config import load_config, validate_config
     from lorafleet.rundir import RunDir
-    from lorafleet.runtimes.local import run_local
+    from lorafleet.runtimes import run_experiment
 
     try:
         overrides = list(set_ or []) + ([f"runtime={runtime}"] if runtime else [])
@@ -96,19 +96,8 @@ def run(
         else:
             cfg = load_config(config, overrides)
         directory = out or Path("runs") / (cfg.name if cfg else "experiment")
-        where = cfg.runtime if cfg else RunDir(directory).stored_config().runtime
-        if where == "flower-sim":
-            try:
-                from lorafleet.runtimes.flower import run_flower_sim
-            except ImportError as err:
-                _fail(f"--runtime flower-sim needs Flower ({err}); install the extra: "
-                      "pip install 'lorafleet[flower]'")
-                return
-            result = run_flower_sim(cfg, directory, resume=resume, console=err_console,
-                                    progress=not quiet, verbose=verbose)
-        else:
-            result = run_local(cfg, directory, resume=resume, console=err_console,
-                               progress=not quiet)
+        result = run_experiment(cfg, directory, resume=resume, console=err_console,
+                                progress=not quiet, verbose=verbose)
     except LorafleetError as err:
         _fail(str(err))
         return
@@ -147,6 +136,9 @@ def deploy_local(
         "supernode-<i> and supernode-<i>.pub for each node i (OpenSSH ECDSA keys, e.g. "
         "ssh-keygen -t ecdsa -b 384 -N '' -f supernode-0); the public keys are registered "
         "with the SuperLink, any other node is refused.")] = None,
+    node_data: Annotated[list[str] | None, typer.Option(
+        "--node-data", help="I=PATH: node I trains on its own file PATH (its data-path) "
+        "instead of its partition of the config's dataset (repeatable).")] = None,
     round_timeout: Annotated[float, typer.Option(
         help="Seconds a round waits for its nodes; a node that has not replied by then "
         "(killed, disconnected) is dropped from that round.")] = 3600.0,
@@ -175,6 +167,7 @@ def deploy_local(
         directory = out or Path("runs") / (cfg.name if cfg else "experiment")
         run_deployment(cfg, directory, nodes=nodes, resume=resume, console=err_console,
                        security=Security(tls_dir=tls_dir, auth_dir=auth_keys),
+                       node_data=_node_data(node_data or []),
                        round_timeout=round_timeout, node_wait=node_wait)
     except LorafleetError as err:
         _fail(str(err))
@@ -189,6 +182,17 @@ def deploy_local(
         f"done: {s['algorithm']} on {s['rounds']} rounds over {nodes} Flower node(s) — final "
         f"{s['metric']} {s['final']:.4f}; bytes up {s['bytes_up']:,} down "
         f"{s['bytes_down']:,}. Results in {directory}", highlight=False, soft_wrap=True)
+
+
+def _node_data(items: list[str]) -> dict[int, Path]:
+    """``--node-data I=PATH`` values as {node: path}."""
+    out: dict[int, Path] = {}
+    for item in items:
+        node, sep, path = item.partition("=")
+        if not sep or not node.strip().isdigit() or not path:
+            raise LorafleetError(f"--node-data {item!r}: expected I=PATH, e.g. 0=data/mine.csv")
+        out[int(node)] = Path(path)
+    return out
 
 
 @app.command("flower-app")
@@ -263,6 +267,8 @@ def compare(
         help="Replace results already in --out.")] = False,
     resume: Annotated[bool, typer.Option(
         help="Keep finished runs in --out and finish the others.")] = False,
+    runtime: Annotated[str | None, typer.Option(
+        help="Override the config's `runtime` for every run. " + _RUNTIME_HELP)] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars or round lines.")] = False,
 ) -> None:
     """Run several algorithms on identical data, fleet and seeds; write results.csv/md + plots."""
@@ -272,7 +278,9 @@ def compare(
 
     try:
         files = run_compare(config, parse_algorithms(algorithms), seeds, out,
-                            overrides=set_ or [], overwrite=overwrite, resume=resume,
+                            overrides=[*(set_ or []), *([f"runtime={runtime}"] if runtime
+                                                        else [])],
+                            overwrite=overwrite, resume=resume,
                             console=err_console, progress=not quiet)
     except LorafleetError as err:
         _fail(str(err))

@@ -231,6 +231,8 @@ class Deployment:
         port: the SuperLink's port (Fleet, Control and ServerAppIo APIs).
         nodes: SuperNodes of the fleet (``num-partitions`` in their node config).
         security: TLS and SuperNode keys (default: none, plain HTTP).
+        node_data: node -> its own data file (``data-path`` in its node config), for nodes
+            that do not train on their partition of the experiment's dataset.
         procs: (name, process) for every process started, in start order.
         seen: ids of every process known to belong to the deployment (with descendants
             found while it ran), for checks that nothing is left behind.
@@ -240,6 +242,7 @@ class Deployment:
     port: int
     nodes: int = 1
     security: Security = field(default_factory=Security)
+    node_data: dict[int, Path] = field(default_factory=dict)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     _tracked: dict[int, psutil.Process] = field(default_factory=dict)
@@ -291,7 +294,9 @@ class Deployment:
             "flower-supernode", *self.security.supernode_args(key),
             "--superlink", f"127.0.0.1:{self.port}",
             "--host", "127.0.0.1", "--port", str(_free_port()),
-            "--node-config", f"partition-id={partition} num-partitions={self.nodes}",
+            "--node-config", f"partition-id={partition} num-partitions={self.nodes}" + (
+                f" data-path={_toml_string(str(self.node_data[partition].resolve()))}"
+                if partition in self.node_data else ""),
         ])
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
@@ -361,8 +366,10 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def _deployment(home: Path, nodes: int, security: Security) -> Iterator[Deployment]:
-    dep = Deployment(home=home, port=_free_port(), nodes=nodes, security=security)
+def _deployment(home: Path, nodes: int, security: Security, node_data: dict[int, Path]
+                ) -> Iterator[Deployment]:
+    dep = Deployment(home=home, port=_free_port(), nodes=nodes, security=security,
+                     node_data=node_data)
     try:
         yield dep
     finally:
@@ -394,6 +401,7 @@ def deploy_local(
     nodes: int,
     resume: bool = False,
     security: Security | None = None,
+    node_data: dict[int, Path] | None = None,
     round_timeout: float = 3600.0,
     node_wait: float | None = None,
     console: Console | None = None,
@@ -409,6 +417,8 @@ def deploy_local(
         nodes: SuperNodes to start; node i plays client i (at most ``num_clients``).
         resume: continue the run in ``out`` from its checkpoint.
         security: TLS certificates and SuperNode keys (default: plain HTTP).
+        node_data: node -> a data file it trains on instead of its partition (its
+            ``data-path``); the file must exist.
         round_timeout: seconds a round waits for its nodes' replies; a node that has not
             answered by then (killed, disconnected, too slow) is dropped from the round.
         node_wait: seconds the server waits, before round 1, for every client's node
@@ -444,6 +454,12 @@ def deploy_local(
     if round_timeout <= 0:
         raise LorafleetError(f"--round-timeout must be positive, got {round_timeout:g}")
     security.check(nodes)
+    for node, path in (node_data or {}).items():
+        if not 0 <= node < nodes:
+            raise LorafleetError(f"--node-data {node}=...: node {node} is not started "
+                                 f"(nodes 0..{nodes - 1})")
+        if not path.exists():
+            raise LorafleetError(f"--node-data {node}={path}: no such file")
     home = out / "deploy"
     (home / "flwr-home").mkdir(parents=True, exist_ok=True)
     # Flower's state is this deployment's only (registered keys, runs): start it afresh.
@@ -452,7 +468,7 @@ def deploy_local(
     write_app(home, cfg, out, resume=resume, round_timeout=round_timeout,
               node_wait=start_timeout if node_wait is None else node_wait)
 
-    with _deployment(home, nodes, security) as dep:
+    with _deployment(home, nodes, security, dict(node_data or {})) as dep:
         (home / "flwr-home" / "config.toml").write_text(security.connection(dep.port))
         link = dep.start("superlink", [
             "flower-superlink", *security.superlink_args(),
