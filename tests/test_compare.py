@@ -86,3 +86,44 @@ def test_bad_compare_inputs_are_one_line_errors(tmp_path):
     res = runner.invoke(app, ["run", "--set", "algorithm=flexlora", "--set", "lora.rank=999",
                               "--set", "model.name=minilm", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "lora.rank" in res.output
+
+
+def test_compare_runs_each_experiment_on_the_runtime_it_names(tmp_path, tiny_bert_dir,
+                                                               tiny_text_csv, monkeypatch):
+    """`compare --runtime flower-sim` hands every run to the Flower runtime (a spy here that
+    records the call and trains in process), and the report covers them all."""
+    pytest.importorskip("flwr")
+    import lorafleet.runtimes.flower as flower
+
+    calls: list[tuple[str, str]] = []
+
+    def spy(cfg, out, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((cfg.algorithm, cfg.runtime))
+        return run_local(cfg.model_copy(update={"runtime": "local"}), out, progress=False)
+
+    monkeypatch.setattr(flower, "run_flower_sim", spy)
+    over = tiny_overrides(tiny_bert_dir, tiny_text_csv, rounds=1)
+    res = CliRunner().invoke(app, ["compare", "--algorithms", "fslora,fedavg", "--quiet",
+                                   "--runtime", "flower-sim", "--out", str(tmp_path / "cmp"),
+                                   *[a for o in over for a in ("--set", o)]])
+    assert res.exit_code == 0, res.output
+    assert calls == [("fslora", "flower-sim"), ("fedavg", "flower-sim")]
+    rows = list(csv.DictReader((tmp_path / "cmp" / "results.csv").open()))
+    assert [r["algorithm"] for r in rows] == ["fslora", "fedavg"]
+
+
+@pytest.mark.parametrize(("runtime", "algorithms", "expected"), [
+    ("ray", "hsplitlora,fslora", "runtime ray runs the split family"),
+    ("flower-sim", "fslora,splitlora", "splitlora is split learning, which does not run on "
+                                       "Flower"),
+])
+def test_compare_refuses_an_algorithm_its_runtime_cannot_run_before_any_run(
+        tmp_path, tiny_bert_dir, tiny_text_csv, runtime, algorithms, expected):
+    over = tiny_overrides(tiny_bert_dir, tiny_text_csv, rounds=1)
+    res = CliRunner().invoke(app, ["compare", "--algorithms", algorithms, "--quiet",
+                                   "--runtime", runtime, "--out", str(tmp_path / "cmp"),
+                                   *[a for o in over for a in ("--set", o)]])
+    assert res.exit_code != 0
+    text = res.output.strip()
+    assert expected in text and len(text.splitlines()) == 1, text
+    assert not any((tmp_path / "cmp").glob("*-seed0"))  # nothing ran

@@ -19,7 +19,7 @@ from lorafleet.config import load_config
 from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.report import find_runs, report
 from lorafleet.rundir import RunDir
-from lorafleet.runtimes.local import run_local
+from lorafleet.runtimes import check_runtime, run_experiment
 
 __all__ = ["compare", "parse_algorithms"]
 
@@ -85,6 +85,8 @@ def compare(
         (a, s): load_config(config, [*(overrides or []), f"algorithm={a}", f"seed={s}"])
         for a, s in plan
     }
+    for cfg in cfgs.values():
+        check_runtime(cfg)
     for (algo, seed), cfg in cfgs.items():
         run = RunDir(dirs[(algo, seed)])
         if run.summary_path.exists():
@@ -93,6 +95,7 @@ def compare(
         if on_run is not None:
             on_run(algo, seed)
         console.print(f"[bold]{algo}[/] seed {seed} -> {run.path}")
-        run_local(cfg, run.path, resume=run.holds_run(), console=console, progress=progress)
+        run_experiment(cfg, run.path, resume=run.holds_run(), console=console,
+                       progress=progress)
     runs = find_runs([dirs[k] for k in plan])
     return report([r.path for r in runs], out)

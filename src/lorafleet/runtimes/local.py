@@ -60,17 +60,19 @@ def run_local(
         progress: show progress bars and per-round lines.
         stop_after: stop after this round (simulates an interruption; tests use it).
     """
+    from lorafleet.runtimes import check_runtime
+
     console = console or Console(stderr=True)
+    if cfg is not None:
+        check_runtime(cfg)  # before the run directory is written
     session = FederatedSession.open(cfg, out, resume=resume, console=console,
                                     progress=progress)
     exp = session.exp
     workers = None
     if exp.cfg.runtime == "ray":
-        if not exp.algorithm.split_learning:
-            raise LorafleetError(f"runtime ray runs the split family (hsplitlora, splitlora, "
-                                 f"hetlora-split); run {exp.cfg.algorithm} with runtime local "
-                                 "or flower-sim")
         from lorafleet.runtimes.ray_split import RaySplitWorkers
+
+        check_runtime(exp.cfg)
 
         workers = RaySplitWorkers(exp.cfg, address=exp.cfg.ray.address)
     try:
