@@ -77,3 +77,12 @@ def test_smollm2_hsplitlora_smoke_split(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
     again = exp.task.evaluate(merged, exp.eval_items, 16)
     assert again["perplexity"] == pytest.approx(s["final"], rel=1e-4)
+    # the PEFT adapter (stacked deltas through the randomized low-rank SVD) on the base
+    from peft import PeftModel
+
+    from lorafleet.assets import resolve_model_path
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name))
+    adapted = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    assert exp.task.evaluate(adapted, exp.eval_items, 16)["perplexity"] == pytest.approx(
+        s["final"], rel=1e-3)

@@ -164,3 +164,26 @@ def test_exact_adapter_is_none_when_its_rank_exceeds_a_module():
 def test_server_adam_is_a_config_error():
     with pytest.raises(ConfigError, match="train.server_optimizer"):
         FLoRA(tiny_spec(), seed=0, server_optimizer="adam")
+
+
+@pytest.mark.parametrize(("m", "n", "rank", "start", "randomized"), [
+    (300, 200, 20, 16, True),    # rank 20 >= 16: one doubling, then a 32-wide range captures it
+    (300, 200, 3, 16, True),     # one try
+    (120, 90, 80, 16, False),    # rank too high for a range of at most min(m, n) / 2
+    (300, 200, 0, 16, False),    # zero matrix: the full SVD (all zeros)
+])
+def test_low_rank_svd_equals_the_full_svd(m, n, rank, start, randomized):
+    from lorafleet.algorithms.flora import low_rank_svd
+
+    gen = torch.Generator().manual_seed(rank)
+    x = (torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen)
+         if rank else torch.zeros(m, n))
+    u, s, vh, width = low_rank_svd(x, start=start)
+    assert (width > rank) if randomized else width == 0
+    full = torch.linalg.svdvals(x)
+    assert s.shape[0] >= rank
+    torch.testing.assert_close(s[:rank], full[:rank], rtol=1e-5, atol=1e-5)
+    tail = s[rank:]
+    assert tail.numel() == 0 or float(tail.abs().max()) <= 1e-5 * float(full[0] if rank else 1)
+    torch.testing.assert_close((u * s) @ vh, x, rtol=0, atol=1e-4 * float(x.abs().max() + 1))
+    torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), rtol=0, atol=1e-4)

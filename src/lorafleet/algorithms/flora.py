@@ -40,11 +40,39 @@ from lorafleet.algorithms.base import (
     lora_key,
 )
 
-__all__ = ["FLoRA", "fresh_lora_A", "stack_adapters"]
+__all__ = ["FLoRA", "fresh_lora_A", "low_rank_svd", "stack_adapters"]
 
 # exact_adapter drops singular values below EXACT_RTOL * sigma_max: the float32 SVD's noise
 # floor is ~5e-7 sigma_max (a float64 SVD is ~18x slower on CPU: 34 s for SmolLM2's 210)
 EXACT_RTOL = 1e-5
+
+
+def low_rank_svd(x: torch.Tensor, rtol: float = EXACT_RTOL, start: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The thin SVD ``U, S, Vh`` of a float32 matrix whose rank is likely low, and the width
+    of the randomized range that captured it (0: the full SVD was used).
+
+    Projects ``x`` on the range of ``x @ Omega`` (a seeded Gaussian ``Omega`` of ``k``
+    columns, ``k = start, 2 start, ...`` up to ``min(m, n) / 2``) and takes the SVD of the
+    small projection. That is exact, up to float32 rounding, when ``rank(x) < k``, and it is
+    accepted only when the relative Frobenius residual ``|x - U S Vh| / |x|`` is at most
+    ``rtol``; otherwise the full SVD. A stacked LoRA delta has rank at most the sum of the
+    ranks merged into it, usually far below min(m, n), which makes this several times faster
+    than the full SVD on CPU.
+    """
+    m, n = x.shape
+    norm = torch.linalg.matrix_norm(x)
+    gen = torch.Generator().manual_seed(0)
+    k = max(1, start)
+    while norm > 0 and k <= min(m, n) // 2:
+        q, _ = torch.linalg.qr(x @ torch.randn(n, k, generator=gen, dtype=x.dtype))
+        u_small, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+        u = q @ u_small
+        if torch.linalg.matrix_norm(x - (u * s) @ vh) <= rtol * norm:
+            return u, s, vh, k
+        k *= 2
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return u, s, vh, 0
 
 
 def stack_adapters(
@@ -194,16 +222,17 @@ class FLoRA(FederatedAlgorithm):
     def exact_adapter(self, state: ServerState) -> GlobalAdapter | None:
         """The cumulative deltas as one PEFT adapter with scaling 1: B = U Σ, A = Vh.
 
-        Per module, the float32 SVD of the delta keeps the singular values above
-        ``EXACT_RTOL`` sigma_max; the
-        adapter's rank R is the largest kept rank over modules (at least 1), other modules
-        padded with zeros. None if R > min(m, n) of some module (the merged model is then
-        the smaller export).
+        Per module, the float32 SVD of the delta (:func:`low_rank_svd`) keeps the singular
+        values above ``EXACT_RTOL`` sigma_max; the adapter's rank R is the largest kept rank
+        over modules (at least 1), other modules padded with zeros. None if R > min(m, n)
+        of some module (the merged model is then the smaller export).
         """
         kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        width = 16  # the randomized range's width that last sufficed: modules look alike
         for module in self.spec.modules:
             delta = state.tensors[_delta_key(module)]
-            u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+            u, s, vh, used = low_rank_svd(delta.float(), start=width)
+            width = used or width
             keep = int((s > EXACT_RTOL * s[0]).sum()) if s.numel() and s[0] > 0 else 0
             kept[module] = ((u[:, :keep] * s[:keep]).to(delta.dtype),
                             vh[:keep, :].to(delta.dtype))
