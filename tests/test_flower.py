@@ -659,10 +659,15 @@ def test_flower_app_writes_what_flwr_run_needs_and_the_server_app_runs_it(
     assert summary["rounds"] == 1 and summary["algorithm"] == cfg.algorithm
 
 
-def test_flower_app_refuses_split_learning_in_one_line(tmp_path):
-    res = CliRunner().invoke(cli_app, ["flower-app", "--app", str(tmp_path / "fa"),
-                                       "--set", "algorithm=hsplitlora"])
-    assert res.exit_code != 0 and "belongs on Ray" in res.output
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "algorithm=hsplitlora"], "belongs on Ray"),
+    (["--round-timeout", "0"], "--round-timeout must be positive, got 0"),
+    (["--node-wait", "-1"], "--node-wait must be >= 0, got -1"),
+])
+def test_flower_app_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, args,
+                                                                      expected):
+    res = CliRunner().invoke(cli_app, ["flower-app", "--app", str(tmp_path / "fa"), *args])
+    assert res.exit_code != 0 and expected in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "fa").exists()
 
 

@@ -235,8 +235,6 @@ def flower_app(
             config, set_ or [])
         if cfg is not None:
             require_federated(cfg)
-        if round_timeout <= 0:
-            raise LorafleetError(f"--round-timeout must be positive, got {round_timeout:g}")
         directory = out or Path("runs") / (cfg.name if cfg else "experiment")
         run_config = write_app(app_dir, cfg, directory, resume=resume,
                                round_timeout=round_timeout, node_wait=node_wait)

@@ -31,6 +31,7 @@ from lorafleet.runtimes.progress import RunProgress, round_line
 from lorafleet.runtimes.session import (
     CLIENT_ERRORS,
     FederatedSession,
+    RoundTally,
     RunResult,
     evaluate_global,
     failure_reason,
@@ -68,11 +69,11 @@ def run_local(
     session = FederatedSession.open(cfg, out, resume=resume, console=console,
                                     progress=progress)
     exp = session.exp
+    if cfg is None:
+        check_runtime(exp.cfg)  # the resumed run's stored config
     workers = None
     if exp.cfg.runtime == "ray":
         from lorafleet.runtimes.ray_split import RaySplitWorkers
-
-        check_runtime(exp.cfg)
 
         workers = RaySplitWorkers(exp.cfg, address=exp.cfg.ray.address)
     try:
@@ -123,7 +124,7 @@ def _rounds(session: FederatedSession, console: Console, progress: bool,
     return RunResult(summary=session.finish(), metrics=session.rows)
 
 
-def _trained(session: FederatedSession, tally: Any, workers: Any, bars: RunProgress
+def _trained(session: FederatedSession, tally: RoundTally, workers: Any, bars: RunProgress
              ) -> Iterator[tuple[int, Payload, Any, Any, Any]]:
     """(client, payload, dispatch, trainer, (result, tokens) or the error) for every available
     client of the round, in client order.

@@ -92,7 +92,15 @@ def write_app(home: Path, cfg: ExperimentConfig | None, out: Path, *, resume: bo
 
     Returns:
         The run-config file (``flwr run HOME/app CONNECTION --run-config`` it).
+
+    Raises:
+        LorafleetError: a round timeout that is not positive, or a negative node wait
+            (nothing is written).
     """
+    if round_timeout <= 0:
+        raise LorafleetError(f"--round-timeout must be positive, got {round_timeout:g}")
+    if node_wait < 0:
+        raise LorafleetError(f"--node-wait must be >= 0, got {node_wait:g}")
     home = home.resolve()
     (home / "app").mkdir(parents=True, exist_ok=True)
     (home / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
@@ -451,8 +459,6 @@ def deploy_local(
     if cfg is not None and not resume and run.holds_run():
         raise LorafleetError(f"{out} already holds a run; pass --resume to continue it, or "
                              "choose another --out")
-    if round_timeout <= 0:
-        raise LorafleetError(f"--round-timeout must be positive, got {round_timeout:g}")
     security.check(nodes)
     for node, path in (node_data or {}).items():
         if not 0 <= node < nodes:
@@ -461,12 +467,12 @@ def deploy_local(
         if not path.exists():
             raise LorafleetError(f"--node-data {node}={path}: no such file")
     home = out / "deploy"
+    write_app(home, cfg, out, resume=resume, round_timeout=round_timeout,
+              node_wait=start_timeout if node_wait is None else node_wait)
     (home / "flwr-home").mkdir(parents=True, exist_ok=True)
     # Flower's state is this deployment's only (registered keys, runs): start it afresh.
     for db in home.glob("state.db*"):
         db.unlink()
-    write_app(home, cfg, out, resume=resume, round_timeout=round_timeout,
-              node_wait=start_timeout if node_wait is None else node_wait)
 
     with _deployment(home, nodes, security, dict(node_data or {})) as dep:
         (home / "flwr-home" / "config.toml").write_text(security.connection(dep.port))
