@@ -129,7 +129,8 @@ def test_from_config_matches_real_parameter_counts_and_shapes() -> None:
 
 
 def test_errors_are_one_line_and_say_what_is_allowed() -> None:
-    with pytest.raises(LorafleetError, match="supported: llama, qwen2, mistral, gpt2, bert"):
+    with pytest.raises(LorafleetError, match="closed forms: llama, qwen2, mistral, gpt2, bert, "
+                       "roberta, xlm-roberta.*from_model reads any architecture"):
         ModelDims.from_config({"model_type": "t5"})
     with pytest.raises(LorafleetError, match="gpt2 config has no n_layer"):
         ModelDims.from_config({"model_type": "gpt2"})

@@ -383,24 +383,6 @@ def test_split_bad_input_is_one_clear_line(tiny_llama4_dir: Path, tiny_text_csv:
     assert message in text and "\n" not in text
 
 
-def test_unknown_architecture_names_the_supported_ones(tmp_path: Path, tiny_text_csv: Path
-                                                       ) -> None:
-    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
-
-    from tests.conftest import _minilm_tokenizer  # type: ignore[attr-defined]
-
-    tokenizer: AutoTokenizer = _minilm_tokenizer(decoder=True)
-    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2,  # type: ignore[arg-type]
-                       ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
-                       pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
-    tokenizer.save_pretrained(tmp_path / "opt")  # type: ignore[attr-defined]
-    cfg = load_config(None, _overrides(tmp_path / "opt", tiny_text_csv, "splitlora",
-                                       **{"lora.target_modules": "[q_proj, v_proj]"}))
-    with pytest.raises(LorafleetError, match=r"cannot split model type 'opt' \(supported: llama"):
-        build_experiment(cfg)
-
-
 def test_hetlora_split_ranks_follow_device_tiers_and_fit() -> None:
     from lorafleet.algorithms.split import budget_ranks
 

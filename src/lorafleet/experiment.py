@@ -33,7 +33,6 @@ from lorafleet.errors import ConfigError
 from lorafleet.fleet import make_profiles, sketch_sizes
 from lorafleet.models.adapters import AdaptedModel
 from lorafleet.models.loading import default_target_modules, head_module_names, load_base_model
-from lorafleet.models.split import split_model
 from lorafleet.split.cost import ModelDims
 from lorafleet.split.planner import check_rank_set
 
@@ -91,8 +90,7 @@ def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Mod
         LorafleetError: an architecture the splitter does not know, or a budget too small.
     """
     config = cast(Any, base).config
-    split_model(model.peft, 1)  # refuses unknown architectures with the supported list
-    dims = ModelDims.from_config(config)
+    dims = ModelDims.from_model(model.peft)  # refuses, in one line, what cannot be split
     weights = {module: weight_of(dims, module) for module in model.spec.modules}
     budgets = [p.memory_gb * 1e9 * cfg.split.memory_scale for p in profiles]
     step = cfg.split.step_seconds
@@ -142,10 +140,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     algo_cls = resolve_algorithm(cfg)
     if cfg.lora.target_modules:
         targets = cfg.lora.target_modules
-    elif algo_cls.adapts_all_weights:
-        targets = list(ModelDims.from_config(cast(Any, base).config).modules.values())
     else:
-        targets = default_target_modules(base)
+        targets = default_target_modules(base, all_weights=algo_cls.adapts_all_weights)
     heads = head_module_names(base, cfg.task.kind) if cfg.lora.train_head else []
     try:
         model = AdaptedModel(

@@ -70,9 +70,12 @@ class AdaptedModel:
     ) -> None:
         from transformers.pytorch_utils import Conv1D
 
-        # GPT-2's Conv1D stores W transposed; PEFT needs to be told (else it warns and guesses).
-        fan_in_fan_out = any(isinstance(m, Conv1D) for n, m in base.named_modules()
-                             if n.split(".")[-1] in target_modules)
+        # GPT-2's Conv1D stores W transposed; PEFT needs to be told (else it warns, repairs
+        # it in the layer, and adapter_config.json keeps the wrong flag). A target matches a
+        # module as in PEFT: its name, or a dotted suffix of it ("attn.c_attn").
+        fan_in_fan_out = any(
+            isinstance(m, Conv1D) for n, m in base.named_modules()
+            if any(n == t or n.endswith("." + t) for t in target_modules))
         self._lora_kwargs: dict[str, Any] = {
             "target_modules": list(target_modules),
             "modules_to_save": list(head_modules) or None,

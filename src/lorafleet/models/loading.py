@@ -2,39 +2,50 @@
 
 One base model per process (DESIGN section 1): this module loads it once from an embedded
 asset name, a local directory or a hub id; PEFT wraps it later and freezes the base.
+
+LoRA defaults work for any architecture (DESIGN section 9): targets come from PEFT's own
+per-architecture mapping where it has one, else from the model's modules; the classifier
+head is every module of a ``*ForSequenceClassification`` outside its base model (BERT's
+classifier, DeBERTa's pooler and classifier, DistilBERT's pre-classifier and classifier),
+plus any module the checkpoint did not hold (randomly initialised).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 from lorafleet.assets import ASSETS, resolve_model_path
 from lorafleet.config import ModelConfig
 from lorafleet.errors import LorafleetError
 
-__all__ = ["default_target_modules", "head_module_names", "load_base_model"]
+__all__ = [
+    "MISSING_KEYS_ATTR",
+    "default_target_modules",
+    "head_module_names",
+    "layer_linear_modules",
+    "linear_modules_of",
+    "load_base_model",
+]
 
-# LoRA targets per `config.model_type`: the attention query and value projections.
-_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-}
+# Where load_base_model leaves the parameter names the checkpoint did not hold.
+MISSING_KEYS_ATTR = "lorafleet_missing_keys"
 
-# Classifier heads of *ForSequenceClassification models, trained and federated densely.
-_HEADS: tuple[str, ...] = ("classifier", "score")
+# Names transformers gives attention projections, when PEFT has no mapping for the model:
+# a fused q/k/v projection is adapted alone, else the query and the value projections.
+_FUSED_QKV = ("qkv_proj", "query_key_value", "Wqkv", "c_attn", "qkv", "W_pack")
+_QUERY = ("q_proj", "query", "query_proj", "q_lin", "q", "wq", "Wq")
+_VALUE = ("v_proj", "value", "value_proj", "v_lin", "v", "wv", "Wv")
 
 
 def _first_line(err: BaseException) -> str:
@@ -88,11 +99,13 @@ def load_base_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if task_kind == "classification":
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=num_labels, dtype=dtype
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, dtype=dtype, output_loading_info=True
                 )
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, output_loading_info=True
+                )
     except (OSError, ValueError) as err:
         raise _load_error(cfg.name, path, err) from None
 
@@ -109,44 +122,129 @@ def load_base_model(
         generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(dtype)
     model.eval()
+    # Randomly initialised modules the head depends on (head_module_names trains them).
+    setattr(model, MISSING_KEYS_ATTR, sorted(info.get("missing_keys") or ()))
     return model, tokenizer
 
 
-def default_target_modules(model: torch.nn.Module) -> list[str]:
-    """LoRA target modules for the model's architecture (``config.model_type``).
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear | Conv1D)
 
-    BERT-style: ``["query", "value"]``; Llama family (llama, qwen2, mistral):
-    ``["q_proj", "v_proj"]``; GPT-2: ``["c_attn"]`` (its fused q/k/v Conv1D).
+
+def linear_modules_of(layer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(path inside layer, linear module)`` of every linear weight in ``layer``, in order;
+    a LoRA-wrapped one (PEFT) counts as its base layer, under its own path."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found: list[tuple[str, torch.nn.Module]] = []
+    wrapped: list[str] = []
+    for name, module in layer.named_modules():
+        if not name or any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            wrapped.append(name)
+            module = module.get_base_layer()
+        if _is_linear(module):
+            found.append((name, module))
+    return found
+
+
+def layer_linear_modules(model: torch.nn.Module) -> list[str]:
+    """The linear modules of one transformer layer, as paths inside the layer, in order.
+
+    ``["self_attn.q_proj", ..., "mlp.down_proj"]`` for Llama, ``["attn.c_attn", ...]`` for
+    GPT-2 (its Conv1D counts); ``[]`` when the model has no layer list the splitter finds.
+    """
+    from lorafleet.models.split import find_layer_stack
+
+    try:
+        path = find_layer_stack(model)
+    except LorafleetError:
+        return []
+    layer = cast(torch.nn.ModuleList, model.get_submodule(path))[0]
+    return [name for name, _ in linear_modules_of(layer)]
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """Distinct linear module names: per layer when there is a stack, else every one."""
+    names = layer_linear_modules(model)
+    if names:
+        return names
+    return list(dict.fromkeys(n for n, m in model.named_modules() if n and _is_linear(m)))
+
+
+def _matches(names: list[str], target: str) -> bool:
+    """PEFT's matching: ``target`` is a module name or a dotted suffix of one."""
+    return any(n == target or n.endswith("." + target) for n in names)
+
+
+def default_target_modules(model: torch.nn.Module, all_weights: bool = False) -> list[str]:
+    """LoRA target modules for the model.
+
+    With ``all_weights`` (methods that adapt every weight, HSplitLoRA): every linear module
+    of a layer (:func:`layer_linear_modules`). Otherwise PEFT's own per-architecture default
+    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``: BERT/RoBERTa ``query, value``;
+    Llama, Qwen, Mistral, Gemma, OPT ``q_proj, v_proj``; GPT-2 ``c_attn``; GPT-NeoX and
+    Falcon ``query_key_value``; DeBERTa-v2 ``query_proj, value_proj``) when the model's
+    modules have those names; else inferred from the model's linear modules: a fused q/k/v
+    projection alone (Phi-3 ``qkv_proj``, ModernBERT ``Wqkv``), or the query and value
+    projections (OLMo 2, Granite, StarCoder2 ``q_proj, v_proj``; DistilBERT ``q_lin,
+    v_lin``).
 
     Raises:
-        LorafleetError: an architecture without a default; set ``lora.target_modules``.
+        LorafleetError: nothing can be inferred; the message lists the model's linear
+            module names (set ``lora.target_modules`` to some of them).
     """
+    names = _linear_names(model)
+    if all_weights and names:
+        return names
     model_type = _model_type(model)
-    if model_type in _TARGETS:
-        return list(_TARGETS[model_type])
-    supported = ", ".join(sorted(_TARGETS))
+    mapped = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if mapped and all(_matches(names, t) for t in mapped):
+        return list(mapped)
+    leaves = {n.rsplit(".", 1)[-1]: n for n in names}
+    fused = [name for name in _FUSED_QKV if name in leaves]
+    if fused:
+        return fused[:1]
+    query = next((name for name in _QUERY if name in leaves), None)
+    value = next((name for name in _VALUE if name in leaves), None)
+    if query and value:
+        return [query, value]
+    shown = ", ".join(names[:16]) + (", ..." if len(names) > 16 else "") or "none"
+    what = "linear modules" if all_weights else "attention query/value projection among its linear modules"
     raise LorafleetError(
-        f"no default LoRA target modules for model type '{model_type or 'unknown'}' "
-        f"(supported: {supported}); set lora.target_modules, e.g. "
-        "lora.target_modules=[q_proj,v_proj]"
+        f"cannot infer LoRA target modules for model type '{model_type or 'unknown'}': no "
+        f"{what} ({shown}); set lora.target_modules to some of them"
     )
 
 
 def head_module_names(model: torch.nn.Module, task_kind: str) -> list[str]:
     """Names of the classifier head modules to train for classification, else ``[]``.
 
-    ``classifier`` for BERT-style models, ``score`` for Llama-family and GPT-2
-    ``*ForSequenceClassification``.
+    Every child module with parameters of a ``*ForSequenceClassification`` outside its
+    base model (``score`` for decoders, ``classifier`` for BERT, ``pooler`` and
+    ``classifier`` for DeBERTa-v2, ``pre_classifier`` and ``classifier`` for DistilBERT,
+    ``head`` and ``classifier`` for ModernBERT), then every other module whose parameters
+    the checkpoint did not hold (randomly initialised, so the exported adapter must carry
+    them; :data:`MISSING_KEYS_ATTR`).
 
     Raises:
-        LorafleetError: a classification model whose head is not one of those names.
+        LorafleetError: a classification model with no head module.
     """
     if task_kind != "classification":
         return []
-    heads = [name for name in _HEADS if isinstance(getattr(model, name, None), torch.nn.Module)]
+    base = getattr(model, "base_model", model)
+    heads = [name for name, child in model.named_children()
+             if child is not base and any(True for _ in child.parameters())
+             ] if base is not model else []
+    missing = getattr(model, MISSING_KEYS_ATTR, ())
+    for key in missing:
+        path = key.rsplit(".", 1)[0]
+        if not any(path == h or path.startswith(h + ".") for h in heads):
+            heads.append(path)
     if not heads:
         raise LorafleetError(
-            f"cannot find the classifier head of {type(model).__name__} "
-            f"(looked for: {', '.join(_HEADS)})"
+            f"cannot find the classifier head of {type(model).__name__} (no module outside "
+            "its base model has parameters)"
         )
-    return heads
+    return list(dict.fromkeys(heads))

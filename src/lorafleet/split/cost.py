@@ -7,6 +7,13 @@ Notation: L layers, d hidden, i intermediate, h heads, T = ``seq``, B = ``batch`
 N = B·T tokens, weights W: (m, n) = (out, in) (GPT-2's Conv1D stores (in, out); its
 logical shape is used), r_{l,W} the LoRA rank of W in layer l (0: no adapter).
 
+Any architecture the splitter cuts has dims (:meth:`ModelDims.from_model`): the weights, the
+embeddings, the tied head and the layers' other parameters are read from the modules; the
+hidden size, heads, key/value heads, head dim and vocabulary from the config; what one layer
+keeps for backward per token is read once from a 3 x 7-token probe of layer 0 (below). The
+Llama, GPT-2 and BERT/RoBERTa closed forms (:meth:`ModelDims.llama`, :meth:`ModelDims.gpt2`,
+:meth:`ModelDims.bert`) are the same numbers derived by hand; the tests check that both agree.
+
 The model is an estimate checked against measured memory (``benchmarks/split_memory.py``,
 ``tests/test_cost_measured.py``): it counts the tensors the layers' matmuls, attention and
 activation functions keep for backward in a float32 step with every device weight adapted,
@@ -20,12 +27,13 @@ each adapted module's input, more than counted.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lorafleet.errors import LorafleetError
 
 __all__ = [
+    "BERT_FAMILY",
     "LLAMA_FAMILY",
     "MemoryBreakdown",
     "ModelDims",
@@ -37,6 +45,7 @@ __all__ = [
 ]
 
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")  # gated-MLP decoders with q,k,v,o,gate,up,down
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta")  # post-LayerNorm encoders, learned positions
 
 Ranks = Mapping[tuple[int, str], int]
 
@@ -45,12 +54,13 @@ Ranks = Mapping[tuple[int, str], int]
 class ModelDims:
     """Shapes of a transformer, as far as the device-side cost model needs them.
 
-    Build with :meth:`from_config`, :meth:`llama`, :meth:`gpt2` or :meth:`bert`, which fill
-    the derived fields (``weights``, ``modules``, ``embedding_params``,
-    ``layer_extra_params``, ``activations_per_token``) with the formulas they document.
+    Build with :meth:`from_model` (any architecture the splitter cuts), or from a config with
+    :meth:`from_config`, :meth:`llama`, :meth:`gpt2` or :meth:`bert`, which fill the derived
+    fields (``weights``, ``modules``, ``embedding_params``, ``layer_extra_params``,
+    ``activations_per_token``) with the formulas they document.
     """
 
-    arch: str = field(metadata={"help": "llama (also qwen2, mistral), gpt2 or bert."})
+    arch: str = field(metadata={"help": "The config's model_type (llama, gpt2, bert, ...)."})
     num_layers: int = field(metadata={"help": "L, transformer layers."})
     hidden: int = field(metadata={"help": "d, hidden size."})
     intermediate: int = field(metadata={"help": "i, MLP intermediate size."})
@@ -73,6 +83,14 @@ class ModelDims:
         metadata={"help": "Elements per token of ``activations_per_token`` that layer 0 does "
                   "not save: its input comes from the frozen embeddings and needs no "
                   "gradient, so a pre-norm keeps no copy of it (d for llama and gpt2)."})
+    attention_score_copies: int = field(
+        default=1,
+        metadata={"help": "(B, h, T, T) tensors eager attention keeps per layer: the softmax "
+                  "output, plus e.g. Gemma 2's soft-capped logits."})
+    query_size: int = field(
+        default=0,
+        metadata={"help": "h·head_dim, the width of the queries; 0: the output size of the "
+                  "weight q (or query), else d."})
 
     def __post_init__(self) -> None:
         sizes = {"num_layers": self.num_layers, "hidden": self.hidden,
@@ -95,6 +113,8 @@ class ModelDims:
     @property
     def query_dim(self) -> int:
         """h · head_dim, the output size of q (= d unless head_dim is set explicitly)."""
+        if self.query_size:
+            return self.query_size
         m, _ = self.weights.get("q", self.weights.get("query", (self.hidden, self.hidden)))
         return m
 
@@ -195,8 +215,9 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, hf_config: Any) -> ModelDims:
-        """Dims of a transformers config (or a dict of its fields): llama, qwen2, mistral,
-        gpt2 or bert ``model_type``."""
+        """Dims of a transformers config (or a dict of its fields) by the closed forms:
+        llama, qwen2, mistral, gpt2, bert, roberta or xlm-roberta ``model_type``. Any other
+        architecture: :meth:`from_model`."""
         kind = _config_value(hf_config, "model_type")
 
         def need(key: str) -> int:
@@ -226,14 +247,41 @@ class ModelDims:
                             positions=need("n_positions"), intermediate=opt("n_inner"),
                             activation=str(_config_value(hf_config, "activation_function",
                                                          "gelu_new")))
-        if kind == "bert":
-            return cls.bert(num_layers=need("num_hidden_layers"), hidden=need("hidden_size"),
+        if kind in BERT_FAMILY:
+            dims = cls.bert(num_layers=need("num_hidden_layers"), hidden=need("hidden_size"),
                             intermediate=need("intermediate_size"),
                             heads=need("num_attention_heads"), vocab=need("vocab_size"),
                             positions=need("max_position_embeddings"),
                             type_vocab=opt("type_vocab_size") or 2)
-        raise LorafleetError(f"no cost model for model_type {kind!r} "
-                             f"(supported: {', '.join(LLAMA_FAMILY)}, gpt2, bert)")
+            return dims if kind == "bert" else replace(dims, arch=kind)
+        raise LorafleetError(f"no closed-form cost model for model_type {kind!r} "
+                             f"(closed forms: {', '.join(LLAMA_FAMILY)}, gpt2, "
+                             f"{', '.join(BERT_FAMILY)}); ModelDims.from_model reads any "
+                             "architecture the splitter cuts from its modules")
+
+    @classmethod
+    def from_model(cls, model: Any) -> ModelDims:
+        """Dims of a transformers model (optionally wrapped by PEFT), any architecture the
+        splitter cuts (:func:`lorafleet.models.split.split_model`).
+
+        From the config: L, d, h, key/value heads, head_dim (for q_dim = h·head_dim) and V.
+        From the modules: ``weights`` are the linear modules of layer 0 (named by their
+        last path component with a trailing ``_proj`` dropped where that is unique, else
+        by their path: q, k, v, o, gate, up, down for Llama; c_attn, attn.c_proj, c_fc,
+        mlp.c_proj for GPT-2; qkv, o, gate_up, down for Phi-3's fused projections), their
+        (out, in) shapes; ``embedding_params`` every parameter outside the layers that the
+        device part holds (token, position and type embeddings and their norm; a tied LM
+        head is the embedding, counted once); ``layer_extra_params`` the rest of layer 0
+        (norms, biases); i the widest MLP weight. What a layer keeps for backward is read
+        from a probe (:func:`lorafleet.split.probe.layer_activations`).
+
+        Raises:
+            LorafleetError: the splitter cannot cut the model, or its layers differ in
+                size (the cost model prices L equal layers).
+        """
+        from lorafleet.split.probe import model_dims_fields
+
+        return cls(**model_dims_fields(model))
 
 
 def _config_value(config: Any, key: str, default: Any = None) -> Any:
@@ -334,7 +382,8 @@ def device_memory_bytes(
         lora_grads      = b_L · P_L
         optimizer_state = b_L · k · P_L          (k = 2 for Adam(W), 0 for SGD)
 
-    B·h·T² is the softmax output eager attention keeps; SDPA/flash kernels keep only
+    B·h·T² is the softmax output eager attention keeps (times ``attention_score_copies``:
+    Gemma 2 also keeps its soft-capped logits); SDPA/flash kernels keep only
     O(B·h·T), so ``eager_attention=False`` drops it. G = 2·N·(q_dim − kv_dim) is k and v
     copied to h heads by ``repeat_kv`` under GQA: always with eager attention; under SDPA
     only for a ``padded`` batch (transformers then passes a mask, which SDPA keeps per layer
@@ -357,7 +406,7 @@ def device_memory_bytes(
     total_rank = sum(r for _, r in device)
     lora = sum(r * sum(dims.weights[w]) for w, r in device)
     if eager_attention:
-        scores = batch * dims.heads * seq * seq
+        scores = dims.attention_score_copies * batch * dims.heads * seq * seq
     else:
         scores = batch * seq * seq if padded else 0  # SDPA's float copy of the mask
     copies_kv = eager_attention or (padded and dims.kv_heads > 1)
