@@ -75,8 +75,8 @@ _SPECS: dict[str, dict[str, Any]] = {
     "distilbert": {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS,
                    "hidden_dim": INTERMEDIATE, "hidden_size": None, "num_hidden_layers": None,
                    "num_attention_heads": None, "intermediate_size": None},
-    "deberta-v2": {"relative_attention": True, "position_buckets": 8, "pos_att_type": ["p2c", "c2p"],
-                   "max_relative_positions": 16},
+    "deberta-v2": {"relative_attention": True, "position_buckets": 8,
+                   "pos_att_type": ["p2c", "c2p"], "max_relative_positions": 16},
     "modernbert": {"global_attn_every_n_layers": 2, "local_attention": 4, "bos_token_id": 1,
                    "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2},
 }

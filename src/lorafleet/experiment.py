@@ -25,8 +25,8 @@ from lorafleet.algorithms import (
 )
 from lorafleet.algorithms.base import Batch, derive_seed
 from lorafleet.algorithms.split import budget_ranks, common_split_point, weight_of
-from lorafleet.config import DeviceProfile, ExperimentConfig
-from lorafleet.data.datasets import load_text_dataset, train_eval_split
+from lorafleet.config import DataConfig, DeviceProfile, ExperimentConfig
+from lorafleet.data.datasets import TextDataset, load_text_dataset, train_eval_split
 from lorafleet.data.partition import partition_indices, partition_summary
 from lorafleet.data.tasks import Encoded, Task, make_task
 from lorafleet.errors import ConfigError
@@ -117,12 +117,21 @@ def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Mod
     return dataclasses.replace(ctx, split_point=fixed)
 
 
+def _load_dataset(cfg: ExperimentConfig, data: DataConfig) -> TextDataset:
+    """``data`` as examples for ``cfg``'s task: conversations for instruction tuning."""
+    if cfg.task.kind == "instruction":
+        from lorafleet.data.instructions import load_instruction_dataset
+
+        return load_instruction_dataset(data, cfg.seed)
+    return load_text_dataset(data, cfg.seed)
+
+
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     """Load data and model, partition, draw the fleet and build the algorithm."""
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dataset = load_text_dataset(cfg.data, cfg.seed)
+    dataset = _load_dataset(cfg, cfg.data)
     train, evaluation = train_eval_split(dataset, cfg.data.eval_fraction, cfg.seed)
     if cfg.data.max_eval_examples is not None:
         evaluation = evaluation[: cfg.data.max_eval_examples]
@@ -224,7 +233,7 @@ def with_local_data(exp: Experiment, client: int, path: str) -> Experiment:
     """
     data = exp.cfg.data.model_copy(update={"dataset": path, "max_examples": None})
     try:
-        dataset = load_text_dataset(data, exp.cfg.seed)
+        dataset = _load_dataset(exp.cfg, data)
     except ConfigError as err:
         raise ConfigError("data-path", str(err).removeprefix("config error: ")) from None
     examples = dataset.examples

@@ -39,11 +39,14 @@ _CHUNK_MAX_CHARS = 600
 
 @dataclass(frozen=True)
 class Example:
-    """One text, its class id (``None`` for unlabeled text) and its generation target."""
+    """One text, its class id (``None`` for unlabeled text) and its generation target;
+    ``messages`` holds an instruction example's conversation as ``(role, content)`` turns
+    (``lorafleet.data.instructions``; ``None`` for plain text)."""
 
     text: str
     label: int | None = None
     target: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass

@@ -705,6 +705,11 @@ def make_task(
             (``generation`` needs targets instead; its ``encode`` raises without them.)
     """
     kind = cfg.task.kind
+    if kind == "instruction":  # its own module (lorafleet.data.instructions)
+        from lorafleet.data.instructions import InstructionTask
+
+        return InstructionTask(tokenizer, cfg.data.max_length, cfg.task.max_new_tokens,
+                               dataset=cfg.data.dataset)
     if kind == "causal-lm":
         return CausalLMTask(tokenizer, cfg.data.max_length, label_names)
     if kind == "generation":

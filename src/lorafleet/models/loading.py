@@ -13,7 +13,7 @@ plus any module the checkpoint did not hold (randomly initialised).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -99,13 +99,13 @@ def load_base_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if task_kind == "classification":
-                model, info = AutoModelForSequenceClassification.from_pretrained(
+                model, info = cast(Any, AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=num_labels, dtype=dtype, output_loading_info=True
-                )
+                ))
             else:
-                model, info = AutoModelForCausalLM.from_pretrained(
+                model, info = cast(Any, AutoModelForCausalLM.from_pretrained(
                     path, dtype=dtype, output_loading_info=True
-                )
+                ))
     except (OSError, ValueError) as err:
         raise _load_error(cfg.name, path, err) from None
 
@@ -211,7 +211,8 @@ def default_target_modules(model: torch.nn.Module, all_weights: bool = False) ->
     if query and value:
         return [query, value]
     shown = ", ".join(names[:16]) + (", ..." if len(names) > 16 else "") or "none"
-    what = "linear modules" if all_weights else "attention query/value projection among its linear modules"
+    what = ("linear modules" if all_weights
+            else "attention query/value projection among its linear modules")
     raise LorafleetError(
         f"cannot infer LoRA target modules for model type '{model_type or 'unknown'}': no "
         f"{what} ({shown}); set lora.target_modules to some of them"
