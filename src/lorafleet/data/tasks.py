@@ -104,10 +104,16 @@ def _chunks(items: Sequence[Encoded], batch_size: int) -> Iterator[Sequence[Enco
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """``[bos]`` if the tokenizer adds one by default (Llama-2 style), else ``[]``."""
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        return [int(tokenizer.bos_token_id)]
-    return []
+    """``[bos]`` if the tokenizer adds one by default (Llama-2 style; Gemma, whose converted
+    tokenizer says ``add_bos_token=False`` but prepends it), else ``[]``."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    if getattr(tokenizer, "add_bos_token", False):
+        return [int(bos)]
+    ids = list(tokenizer("a")["input_ids"])
+    return [int(bos)] if ids[:1] == [bos] and ids != list(
+        tokenizer("a", add_special_tokens=False)["input_ids"]) else []
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,6 +87,11 @@ class ModelDims:
         default=1,
         metadata={"help": "(B, h, T, T) tensors eager attention keeps per layer: the softmax "
                   "output, plus e.g. Gemma 2's soft-capped logits."})
+    always_masked: bool = field(
+        default=False,
+        metadata={"help": "SDPA gets a materialised mask even for an unpadded batch (Falcon's "
+                  "ALiBi; a sliding window shorter than the sequence), so the padded-batch "
+                  "terms always apply."})
     query_size: int = field(
         default=0,
         metadata={"help": "h·head_dim, the width of the queries; 0: the output size of the "
@@ -388,7 +393,8 @@ def device_memory_bytes(
     copied to h heads by ``repeat_kv`` under GQA: always with eager attention; under SDPA
     only for a ``padded`` batch (transformers then passes a mask, which SDPA keeps per layer
     as a float B·T² copy, instead of using SDPA's own GQA), and not for a single kv head,
-    which expands as a view. u = ``first_layer_unsaved``: layer 0's input needs no gradient.
+    which expands as a view (``dims.always_masked``: as if always padded). u =
+    ``first_layer_unsaved``: layer 0's input needs no gradient.
     N·R counts the rank-sized x Aᵀ each adapter saves for the gradient of B. Ranks of layers
     >= s (server side) cost the device nothing and are ignored.
 
@@ -402,6 +408,7 @@ def device_memory_bytes(
     _check_step(dims, split_point, ranks, batch, seq)
     k = optimizer_slots(optimizer)
     s, tokens = split_point, batch * seq
+    padded = padded or dims.always_masked
     device = _device_ranks(ranks, s)
     total_rank = sum(r for _, r in device)
     lora = sum(r * sum(dims.weights[w]) for w, r in device)

@@ -8,7 +8,8 @@ adapter does; the model's own LoRA factors are made not to require grad, and the
 intermediates are priced apart). The storages autograd saves while layer 0 runs are sorted
 by shape:
 
-- (.., T, T): attention scores (eager attention), priced per B·h·T² by the formula;
+- (.., T, T): attention scores (eager attention), priced per B·h·T² by the formula; under
+  SDPA, a mask the model materialises although nothing is padded (``always_masked``);
 - no batch dimension (RoPE's cos/sin), integer or boolean (masks, indices), at most h values
   per token (norm statistics, SDPA's logsumexp): left out, as the closed forms leave them;
 - the rest, per token: ``activations_per_token``.
@@ -99,7 +100,7 @@ def model_dims_fields(model: nn.Module) -> dict[str, Any]:
         intermediate = max(max(m, n) for m, n in weights.values())
     eager = getattr(cast(Any, top).config, "_attn_implementation", "eager") == "eager"
     q_rows = weights.get("q", weights.get("query", (hidden, hidden)))[0]
-    per_token, unsaved, copies = layer_activations(
+    per_token, unsaved, copies, masked = layer_activations(
         model, largest, heads=heads, kv_heads=kv_heads, head_dim=head_dim, eager=eager)
     return {
         "arch": str(getattr(config, "model_type", "") or type(top).__name__),
@@ -109,17 +110,17 @@ def model_dims_fields(model: nn.Module) -> dict[str, Any]:
         "embedding_params": sum(p.numel() for p in outside.values()),
         "layer_extra_params": max(sizes) - sum(m * n for m, n in weights.values()),
         "activations_per_token": per_token, "first_layer_unsaved": unsaved,
-        "attention_score_copies": copies,
+        "attention_score_copies": copies, "always_masked": masked,
         # 0 where the q weight already says it (the closed forms' convention)
         "query_size": 0 if q_rows == heads * head_dim else heads * head_dim,
     }
 
 
 def layer_activations(model: nn.Module, layer_index: int, *, heads: int, kv_heads: int,
-                      head_dim: int, eager: bool) -> tuple[int, int, int]:
-    """(activations per token, first-layer unsaved, attention score copies): the probe of
-    the module doc on layer ``layer_index`` (layer 0 too, with frozen embeddings, for what
-    the first layer keeps less)."""
+                      head_dim: int, eager: bool) -> tuple[int, int, int, bool]:
+    """(activations per token, first-layer unsaved, attention score copies, always masked):
+    the probe of the module doc on layer ``layer_index`` (layer 0 too, with frozen
+    embeddings, for what the first layer keeps less)."""
     from lorafleet.models.split import split_model
 
     last = len(cast(Any, split_model(model, 1).device_part._cut.layers)) - 1
@@ -129,9 +130,12 @@ def layer_activations(model: nn.Module, layer_index: int, *, heads: int, kv_head
                 (per_token, scores))
     frozen_first, _ = _probe(split_model(model, 1), 0, embeddings_grad=False)
     copies = round(scores / (PROBE_BATCH * heads * PROBE_SEQ * PROBE_SEQ)) if eager else 1
-    if eager and kv_heads < heads:  # repeat_kv's copies, priced apart by the formula
+    masked = not eager and scores > 0  # SDPA kept a (B, 1, T, T) mask: one was built
+    if (eager or masked) and kv_heads < heads:  # repeat_kv's copies, priced apart
         per_token -= 2 * (heads - kv_heads) * head_dim
-    return max(per_token, 1), max(first - frozen_first, 0), max(copies, 1)
+        first -= 2 * (heads - kv_heads) * head_dim
+        frozen_first -= 2 * (heads - kv_heads) * head_dim
+    return max(per_token, 1), max(first - frozen_first, 0), max(copies, 1), masked
 
 
 def _probe(split: Any, index: int, *, embeddings_grad: bool) -> tuple[int, int]:
