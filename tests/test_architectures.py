@@ -106,8 +106,9 @@ def test_split_is_bit_exact_at_every_cut(model_type: str, head: str, attn: str |
             prefix = split.layers_path + "."
             assert {n.split(".")[len(prefix.split(".")) - 1] for n in device
                     if n.startswith(prefix)} == {str(i) for i in range(s)}
-            assert {id(p) for p in split.device_part.parameters()} | {
-                id(p) for p in split.server_part.parameters()} == {id(p) for p in model.parameters()}
+            held = {id(p) for p in split.device_part.parameters()} | {
+                id(p) for p in split.server_part.parameters()}
+            assert held == {id(p) for p in model.parameters()}
             assert not any(n.startswith(f"{prefix}{s}.") for n in device)
             assert any(n.startswith(f"{prefix}{s}.") for n in server)
 
@@ -249,8 +250,8 @@ def test_split_experiment_refuses_an_encoder_decoder(tmp_path: Path, tiny_text_c
                         pad_token_id=encoder_tokenizer.pad_token_id)
     BartForSequenceClassification(config).save_pretrained(tmp_path / "bart")
     encoder_tokenizer.save_pretrained(tmp_path / "bart")
-    cfg = load_config(None, tiny_overrides(tmp_path / "bart", tiny_text_csv,
-                                           algorithm="splitlora", **{"task.kind": "classification"}))
+    cfg = load_config(None, tiny_overrides(tmp_path / "bart", tiny_text_csv, algorithm="splitlora",
+                                           **{"task.kind": "classification"}))
     with pytest.raises(LorafleetError) as err:
         build_experiment(cfg)
     assert str(err.value).startswith(
