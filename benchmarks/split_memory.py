@@ -243,8 +243,16 @@ def _device_only(setup: Setup, split: int) -> tuple[Any, Any, dict[Any, int], bo
     dims = ModelDims.from_model(model)
     eager = model.config._attn_implementation == "eager"
     peft, ranks = adapt(model, dims, split, setup)
-    device = split_model(peft, split).device_part
-    del peft, model  # the server part (layer s, final norm; the head is tied) goes with them
+    cut = split_model(peft, split)
+    device = cut.device_part
+    # The device part runs the model's own forward, so it keeps the model object; the server
+    # part's own tensors (layer s, the final norm; the head is tied) are emptied instead.
+    held = {id(p) for p in device.parameters()}
+    with torch.no_grad():
+        for p in cut.server_part.parameters():
+            if id(p) not in held:
+                p.data = torch.empty(0, dtype=p.dtype)
+    del peft, model, cut
     with torch.no_grad():
         for p in device.parameters():
             # from_pretrained may map the checkpoint file: pages of weights never read (most
@@ -260,8 +268,9 @@ def _step_fn(setup: Setup, device: Any) -> Any:
 
     lora = [p for p in device.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
-    ids, mask = batch(setup, int(device.config.vocab_size), padded=False)
-    grad = torch.randn(setup.batch, setup.seq, int(device.config.hidden_size),
+    config = device._cut.top.config
+    ids, mask = batch(setup, int(config.vocab_size), padded=False)
+    grad = torch.randn(setup.batch, setup.seq, int(config.hidden_size),
                        generator=torch.Generator().manual_seed(1),
                        dtype=getattr(torch, setup.dtype))
 

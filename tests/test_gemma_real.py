@@ -22,7 +22,7 @@ from lorafleet.runtimes.local import run_local
 pytestmark = pytest.mark.slow
 
 SHORT = ["model.name=gemma3-270m", "rounds=1", "num_clients=2", "train.local_steps=2",
-         "train.batch_size=2", "train.clients_per_round=null", "data.max_eval_examples=4",
+         "train.batch_size=2", "train.clients_per_round=null", "data.max_eval_examples=3",
          "fleet.profiles=[{availability: 1.0}]", "partition.kind=iid", "threads=2"]
 
 
@@ -32,7 +32,7 @@ def _rows(path):
 
 def test_gemma3_fslora_instruction_plain_template(tmp_path):
     cfg = load_config("configs/instruct-smollm2.yaml", [
-        *SHORT, "data.max_examples=60", "data.max_length=64", "task.max_new_tokens=8",
+        *SHORT, "data.max_examples=40", "data.max_length=48", "task.max_new_tokens=6",
         "lora.rank=8", "lora.alpha=16"])
     result = run_local(cfg, tmp_path / "run", progress=False)
     exp = build_experiment(cfg)

@@ -100,15 +100,25 @@ def test_formatting_and_response_only_labels(which: str, chat_tokenizer, plain_t
     assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == len(labeled)
 
 
-def test_prompt_longer_than_max_length_is_dropped(plain_tokenizer, caplog) -> None:
+def test_long_conversations_are_cut_never_dropped(plain_tokenizer) -> None:
     from lorafleet.data.datasets import Example
 
     task = InstructionTask(plain_tokenizer, 16, 8)
-    long = (("user", "word " * 40), ("assistant", "ok"))
-    with caplog.at_level(logging.WARNING, logger="lorafleet"):
-        items = task.encode([Example("x", None, "ok", long), Example("y", None, "ok", CHAT[1:3])])
-    assert len(items) == 1 and "1 of 2 conversations dropped" in caplog.text
-    assert all(len(it.input_ids) <= 16 for it in items)
+    long_prompt = (("user", "word " * 40), ("assistant", "the answer is here"))
+    long_answer = (("user", "hi"), ("assistant", "answer " * 40))
+    items = task.encode([Example("x", None, "", m) for m in (long_prompt, long_answer)])
+    assert len(items) == 2 and all(len(it.input_ids) == 16 for it in items)
+    cut_prompt, cut_answer = items
+    # the prompt lost its start; the last response keeps its first tokens, labeled
+    answer = _ids(plain_tokenizer, "the answer is here")
+    assert cut_prompt.input_ids[cut_prompt.prompt_length:][: len(answer)] == answer
+    assert cut_prompt.labels[cut_prompt.prompt_length] == answer[0]
+    assert cut_prompt.labels[: cut_prompt.prompt_length] == [IGNORE_INDEX] * (
+        cut_prompt.prompt_length)
+    # a prompt that fits keeps its start, the response is cut
+    full = task.encode_messages(long_answer[:1] + (("assistant", "x"),))
+    assert cut_answer.input_ids[: cut_answer.prompt_length] == full.input_ids[
+        : full.prompt_length]
 
 
 def test_records_alpaca_chat_sharegpt_and_malformed() -> None:
@@ -195,9 +205,9 @@ def test_smollm2_instruction_run(tmp_path: Path) -> None:
     """configs/instruct-smollm2.yaml, shortened: SmolLM2's chat template, response-only
     loss; the response perplexity falls and the PEFT adapter reproduces the final score."""
     cfg = load_config("configs/instruct-smollm2.yaml", [
-        "rounds=1", "num_clients=2", "train.local_steps=3", "train.batch_size=2",
-        "data.max_examples=120", "data.max_eval_examples=6", "data.max_length=96",
-        "task.max_new_tokens=16", "fleet.profiles=[{availability: 1.0}]",
+        "rounds=1", "num_clients=2", "train.local_steps=2", "train.batch_size=2",
+        "data.max_examples=60", "data.max_eval_examples=4", "data.max_length=64",
+        "task.max_new_tokens=8", "fleet.profiles=[{availability: 1.0}]",
         "partition.kind=iid"])
     result = run_local(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
@@ -208,5 +218,5 @@ def test_smollm2_instruction_run(tmp_path: Path) -> None:
     base, _ = load_base_model(cfg.model, "instruction", 1, seed=0)
     adapted = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
     with torch.no_grad():
-        again = exp.task.evaluate(adapted, exp.eval_items, 8)
+        again = exp.task.evaluate(adapted, exp.eval_items, 4)
     assert again["rougeL"] == pytest.approx(result.summary["final"])

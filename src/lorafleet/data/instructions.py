@@ -320,9 +320,14 @@ class InstructionTask(Task):
             offsets += [(a, b)] * len(piece)
         return ids, offsets
 
-    def encode_messages(self, messages: Sequence[Message]) -> InstructionEncoded | None:
-        """One conversation as ids and response-only labels, cut to ``max_length`` tokens;
-        ``None`` when not even the prompt before its last response fits."""
+    def encode_messages(self, messages: Sequence[Message]) -> InstructionEncoded:
+        """One conversation as ids and response-only labels, at most ``max_length`` tokens.
+
+        A conversation that is too long keeps its beginning when the prompt before its last
+        response fits (the response is cut); otherwise it keeps its end: the last response's
+        first tokens (up to half the length) and as much of the conversation before them
+        as fits, dropping the oldest turns (and the template's head) first.
+        """
         text, spans = response_spans(self.tokenizer, messages)
         ids, offsets = self._tokens(text, spans)
         # A token belongs to a response if its characters overlap the response's span (a
@@ -332,15 +337,17 @@ class InstructionTask(Task):
         last_start = spans[-1][0]
         prompt_length = next((i for i, (_, b) in enumerate(offsets) if b > last_start),
                              len(ids))
-        if prompt_length >= self.max_length:
-            return None
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return InstructionEncoded(ids, labels, prompt_length=prompt_length,
+        start = 0
+        if len(ids) > self.max_length and prompt_length >= self.max_length:
+            keep = min(len(ids) - prompt_length, self.max_length // 2)
+            start = prompt_length + keep - self.max_length
+        ids, labels = ids[start: start + self.max_length], labels[start: start + self.max_length]
+        return InstructionEncoded(ids, labels, prompt_length=prompt_length - start,
                                   reference=messages[-1][1])
 
     def encode(self, examples: list[Example]) -> list[Encoded]:
-        """Each example's conversation (``Example.messages``) tokenised; conversations whose
-        prompt alone exceeds ``data.max_length`` are dropped (counted in the log).
+        """Each example's conversation (``Example.messages``) tokenised, one item per
+        example (partitions index them), long ones cut as :meth:`encode_messages` says.
 
         Raises:
             ConfigError: an example carries no conversation (not instruction data).
@@ -354,13 +361,7 @@ class InstructionTask(Task):
                     "plain texts (allowed: embedded dialogue-chat, or a json/jsonl file of "
                     "alpaca-style or chat-style records)",
                 )
-            item = self.encode_messages(example.messages)
-            if item is not None:
-                out.append(item)
-        if len(out) < len(examples):
-            log.warning("instruction: %d of %d conversations dropped (their prompt exceeds "
-                        "data.max_length=%d tokens)", len(examples) - len(out), len(examples),
-                        self.max_length)
+            out.append(self.encode_messages(example.messages))
         return out
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
