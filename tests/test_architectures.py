@@ -191,7 +191,9 @@ def test_fslora_default_targets_and_the_exported_adapter_reproduces_the_run(
         model_type: str, tmp_path: Path, tiny_text_csv: Path, request: pytest.FixtureRequest
 ) -> None:
     kind = "classification" if model_type in ENCODERS else "causal-lm"
-    head = "cls" if kind == "classification" else "lm"
+    # Encoders are saved as base models, as pretrained checkpoints are: the classifier (and
+    # DeBERTa's pooler, DistilBERT's pre-classifier, ModernBERT's head) start random.
+    head = "base" if kind == "classification" else "lm"
     model_dir = _saved_dir(model_type, head, _tokenizer_for(model_type, request), tmp_path)
     cfg = load_config(None, tiny_overrides(model_dir, tiny_text_csv, **{
         "task.kind": kind, "rounds": 1, "num_clients": 2, "data.max_eval_examples": 12}))
