@@ -148,6 +148,14 @@ def test_encoder_decoder_is_refused_in_one_line() -> None:
         "norm -> head (decoder-only LMs and classifiers, encoder classifiers)")
 
 
+def test_gradient_checkpointing_is_refused_in_one_line() -> None:
+    model = build("llama", "lm")
+    model.activation_checkpointing_enable()
+    with pytest.raises(LorafleetError, match=r"^cannot split LlamaForCausalLM with gradient "
+                       r"\(activation\) checkpointing on: .*turn it off$"):
+        split_model(model, 1)
+
+
 # --------------------------------------------------------------------------- real runs
 
 

@@ -660,7 +660,7 @@ def split_model(model: nn.Module, split_point: int) -> SplitModel:
 
     Raises:
         LorafleetError: an unsupported shape (encoder-decoder, no single layer stack) or
-            head, or s outside ``[1, L-1]``.
+            head, gradient checkpointing on, or s outside ``[1, L-1]``.
     """
     top = _unwrap_peft(model)
     layers_path = find_layer_stack(top)
@@ -679,6 +679,12 @@ def split_model(model: nn.Module, split_point: int) -> SplitModel:
             f"cannot split {name}: the server part runs a base model, a causal-LM head or a "
             "sequence-classification head"
         )
+    checkpointing = (top.is_activation_checkpointing if hasattr(top, "is_activation_checkpointing")
+                     else getattr(top, "is_gradient_checkpointing", False))
+    if checkpointing:
+        raise LorafleetError(
+            f"cannot split {name} with gradient (activation) checkpointing on: its "
+            "recomputation would not see the server part's stand-ins; turn it off")
     causal = _is_causal(layers)
     pools = name.endswith("ForSequenceClassification") and causal
     cut = _Cut(top, base, layers_path, split_point, has_head, pools)
