@@ -267,6 +267,12 @@ def compare(
         help="Keep finished runs in --out and finish the others.")] = False,
     runtime: Annotated[str | None, typer.Option(
         help="Override the config's `runtime` for every run. " + _RUNTIME_HELP)] = None,
+    reference: Annotated[str | None, typer.Option(
+        help="Also write differences.md/.csv: every algorithm's paired difference from this "
+        "one (reference − method, seed by seed) with a 95 % interval.")] = None,
+    tuned: Annotated[Path | None, typer.Option(
+        help="A `lorafleet tune` output directory: each algorithm runs with the values "
+        "tuned for it (its tuned.json).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars or round lines.")] = False,
 ) -> None:
     """Run several algorithms on identical data, fleet and seeds; write results.csv/md + plots."""
@@ -278,18 +284,64 @@ def compare(
         files = run_compare(config, parse_algorithms(algorithms), seeds, out,
                             overrides=[*(set_ or []), *([f"runtime={runtime}"] if runtime
                                                         else [])],
-                            overwrite=overwrite, resume=resume,
-                            console=err_console, progress=not quiet)
+                            overwrite=overwrite, resume=resume, reference=reference,
+                            tuned=tuned, console=err_console, progress=not quiet)
     except LorafleetError as err:
         _fail(str(err))
         return
     except KeyboardInterrupt:
         _fail(f"interrupted; finish with: lorafleet compare ... --out {out} --resume", code=130)
         return
-    md = out / "results.md"
-    if md.exists():
-        out_console.print(md.read_text(), highlight=False)
+    for name in ("results.md", "differences.md"):
+        if (out / name).exists():
+            out_console.print((out / name).read_text(), highlight=False)
     out_console.print(f"wrote {len(files)} files to {out}", highlight=False)
+
+
+@app.command()
+def tune(
+    config: Annotated[Path | None, typer.Argument(help="Experiment YAML (default: the demo).")
+                      ] = None,
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", "-g", help="An axis of the grid, field=v1,v2,... (repeatable; the grid is "
+        "their product), e.g. --grid train.lr=1e-4,3e-4,1e-3")] = None,
+    algorithms: Annotated[str, typer.Option(
+        help="Comma-separated algorithms; every one runs the whole grid.")] = "fslora,fedavg",
+    seeds: Annotated[int, typer.Option(help="Seeds per grid point (config seed, +1, ...).")
+                     ] = 1,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tuning directory.")] = Path(
+        "runs/tune"),
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config field for every run (repeatable).")] = None,
+    select: Annotated[str, typer.Option(
+        help="Choose by the mean validation `final` or `best` metric.")] = "final",
+    resume: Annotated[bool, typer.Option(
+        help="Keep finished runs in --out and finish the others.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or round lines.")] = False,
+) -> None:
+    """Tune every algorithm on the same grid, on a validation split of the training data
+    (never the evaluation split); writes tuned.json for `compare --tuned`."""
+    _setup_logging(False)
+    from lorafleet.compare import parse_algorithms
+    from lorafleet.tune import parse_grid
+    from lorafleet.tune import tune as run_tune
+
+    try:
+        result = run_tune(config, parse_algorithms(algorithms), parse_grid(grid or []), seeds,
+                          out, overrides=list(set_ or []), select=select, resume=resume,
+                          console=err_console, progress=not quiet)
+    except LorafleetError as err:
+        _fail(str(err))
+        return
+    except KeyboardInterrupt:
+        _fail(f"interrupted; finish with: lorafleet tune ... --out {out} --resume", code=130)
+        return
+    out_console.print((out / "tuning.md").read_text(), highlight=False)
+    for algo, point in result["chosen"].items():
+        values = " ".join(f"{k}={v}" for k, v in point.items())
+        out_console.print(f"{algo}: {values}", highlight=False)
+    out_console.print(f"wrote {out / 'tuned.json'}; use it with: lorafleet compare CONFIG "
+                      f"--tuned {out}", highlight=False)
 
 
 @app.command()
@@ -300,6 +352,11 @@ def report(
     target: Annotated[str | None, typer.Option(
         help="Also tabulate the simulated time to reach METRIC=VALUE (e.g. perplexity=30; "
         "a bare VALUE targets the runs' own metric).")] = None,
+    reference: Annotated[str | None, typer.Option(
+        help="Also write differences.md/.csv: every method's paired difference from this "
+        "one (reference − method, seed by seed) with a 95 % interval.")] = None,
+    interval: Annotated[str, typer.Option(
+        help="Interval of the paired differences: t (Student's t) or bootstrap.")] = "t",
 ) -> None:
     """Plot metric vs round, bytes and simulated time, and tabulate the runs."""
     from lorafleet.report import parse_target
@@ -307,7 +364,8 @@ def report(
 
     try:
         files = make_report(list(dirs), out or dirs[0],
-                            parse_target(target) if target is not None else None)
+                            parse_target(target) if target is not None else None,
+                            reference=reference, interval=interval)
     except LorafleetError as err:
         _fail(str(err))
         return

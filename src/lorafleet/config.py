@@ -77,6 +77,17 @@ class DataConfig(_Section):
     max_eval_examples: int | None = Field(
         300, gt=0, description="Cap on held-out examples evaluated (for speed; null: all)."
     )
+    evaluate_on: Literal["test", "validation"] = Field(
+        "test",
+        description="test: evaluate on the held-out split (eval_fraction); validation: on a "
+        "split carved from the training examples (validation_fraction of them; the held-out "
+        "split is never read), as `lorafleet tune` does.",
+    )
+    validation_fraction: float = Field(
+        0.2, gt=0, lt=1,
+        description="evaluate_on validation: fraction of the training examples held out for "
+        "validation (stratified by label; they are not trained on).",
+    )
     max_length: int = Field(128, gt=8, description="Tokens per example after truncation.")
 
 

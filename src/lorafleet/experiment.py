@@ -133,6 +133,10 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         torch.set_num_threads(cfg.threads)
     dataset = _load_dataset(cfg, cfg.data)
     train, evaluation = train_eval_split(dataset, cfg.data.eval_fraction, cfg.seed)
+    if cfg.data.evaluate_on == "validation":  # tuning: the held-out split is never read
+        train, evaluation = train_eval_split(
+            dataclasses.replace(dataset, examples=train), cfg.data.validation_fraction,
+            derive_seed(cfg.seed, "validation"))
     if cfg.data.max_eval_examples is not None:
         evaluation = evaluation[: cfg.data.max_eval_examples]
     labels = [ex.label for ex in train] if dataset.label_names else None

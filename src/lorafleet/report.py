@@ -28,7 +28,9 @@ from lorafleet.errors import LorafleetError
 __all__ = [
     "RESULT_COLUMNS",
     "Run",
+    "bytes_to_target",
     "find_runs",
+    "group_runs",
     "make_plots",
     "parse_target",
     "report",
@@ -153,7 +155,7 @@ def _load_metrics(path: Path) -> list[dict[str, Any]]:
     return [by_round[r] for r in sorted(by_round)]
 
 
-def _groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
     """Runs by algorithm, in first-seen order; by ``name/algorithm`` when the runs come
     from differently named experiments (so two experiments are never averaged together)."""
     names = {str(r.summary.get("name", "")) for r in runs}
@@ -198,6 +200,18 @@ def time_to_target(run: Run, metric: str, value: float) -> float | None:
     return None
 
 
+def bytes_to_target(run: Run, metric: str, value: float) -> float | None:
+    """Cumulative bytes (up + down, plus split activations) at the first evaluation whose
+    ``metric`` reaches ``value`` (as :func:`time_to_target` decides); None if never."""
+    lower = metric in LOWER_IS_BETTER or (metric == run.metric and not run.higher_is_better)
+    for rec in run.metrics:
+        got = _opt(rec.get(metric))
+        if got is not None and (got <= value if lower else got >= value):
+            total = _bytes_total(rec)
+            return None if total is None else total * 1e6
+    return None
+
+
 def _final_of(run: Run, key: str) -> float:
     values = [_num(rec.get(key)) for rec in run.metrics if key in rec]
     return values[-1] if values else math.nan
@@ -224,7 +238,7 @@ def results_table(runs: Sequence[Run], target: tuple[str, float] | None = None
     """
     split = any("bytes_activations" in r.summary for r in runs)
     rows: list[dict[str, Any]] = []
-    for algorithm, group in _groups(runs).items():
+    for algorithm, group in group_runs(runs).items():
         final_mean, final_std = _mean_std([_num(r.summary.get("final")) for r in group])
         best_mean, best_std = _mean_std([_num(r.summary.get("best")) for r in group])
         metrics = sorted({r.metric for r in group})
@@ -543,7 +557,7 @@ def make_plots(runs: Sequence[Run], out_dir: Path | str) -> list[Path]:
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = _groups(runs)
+    groups = group_runs(runs)
     metric = runs[0].metric
     ylabel = f"{metric} ({_direction(runs[0])})"
     lines = [
@@ -608,9 +622,20 @@ def make_plots(runs: Sequence[Run], out_dir: Path | str) -> list[Path]:
 
 
 def report(paths: Iterable[Path | str], out_dir: Path | str,
-           target: tuple[str, float] | None = None) -> list[Path]:
+           target: tuple[str, float] | None = None, reference: str | None = None,
+           interval: str = "t") -> list[Path]:
     """Find runs under ``paths`` and write the results tables and plots into ``out_dir``
-    (with ``target``, also the simulated time to reach it)."""
+    (with ``target``, also the simulated time to reach it; with ``reference``, the paired
+    differences of every method against it, :mod:`lorafleet.significance`)."""
     runs = find_runs(paths)
     written = write_results(results_table(runs, target), out_dir)
+    if reference is not None:
+        from lorafleet.significance import paired_table, write_differences
+
+        if interval not in ("t", "bootstrap"):
+            raise LorafleetError(f"--interval {interval!r} must be t or bootstrap")
+        diffs = paired_table(runs, reference, target,
+                             interval="t" if interval == "t" else "bootstrap")
+        written += write_differences(diffs, out_dir, higher_is_better=runs[0].higher_is_better,
+                                     metric=runs[0].metric)
     return written + make_plots(runs, out_dir)
