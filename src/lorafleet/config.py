@@ -6,11 +6,19 @@ Every experiment is one YAML file validated here; the CLI only overrides fields
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorafleet.errors import ConfigError
 
@@ -45,8 +53,22 @@ class ModelConfig(_Section):
         description="Embedded asset name (minilm, smollm2-135m), a Hugging Face model id, "
         "or a local directory holding a transformers model.",
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Dtype of the frozen base weights."
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the frozen base weights (float16: GPUs only; LoRA "
+        "weights and optimizer state stay float32 whatever this is).",
+    )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none", description="Quantize the frozen base with bitsandbytes (QLoRA): nf4 or fp4 "
+        "(4-bit, blocks of 64), int8 (LLM.int8()); needs the `quant` extra. Adapters stay "
+        "float32; merged updates are kept beside the quantized weights, never re-quantized.",
+    )
+    double_quant: bool = Field(
+        True, description="4-bit: also quantize the per-block scales (QLoRA's double "
+        "quantization, ~0.4 bits per weight less).",
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="4-bit: dtype the quantized weights are dequantized to for each "
+        "matmul (null: model.dtype).",
     )
 
 
@@ -199,6 +221,21 @@ class TrainConfig(_Section):
     server_lr: float = Field(1.0, gt=0, description="Server learning rate eta_s.")
     aggregation_weights: Literal["uniform", "examples"] = Field(
         "uniform", description="p_i: uniform over sampled clients, or by example counts."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast of the forward and backward passes: fp32 (none), bf16 "
+        "or fp16 (GPUs only; with a gradient scaler). LoRA weights and optimizer state stay "
+        "float32.",
+    )
+    grad_accum_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step: each batch of batch_size "
+        "examples is cut into this many, each loss weighted by its share of the batch's "
+        "examples (classification) or scored tokens (causal tasks), so the step equals one "
+        "on the whole batch (a memory lever, not a change of the math).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward instead of "
+        "keeping them (less memory, more compute; the same update).",
     )
 
 
@@ -368,6 +405,12 @@ class ExperimentConfig(_Section):
         description="flower-sim: the Ray resources each simulated client claims.",
     )
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's).")
+    device: str = Field(
+        "auto",
+        description="Where the model computes: auto (CUDA if available, else MPS, else CPU), "
+        "cpu, cuda, cuda:N or mps. Payloads, updates, checkpoints and the byte ledger stay "
+        "CPU float32 whatever it is, so a run may resume on another device.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -379,6 +422,13 @@ class ExperimentConfig(_Section):
     split: SplitSettings = Field(default_factory=SplitSettings)
     hsplitlora: HSplitLoRASettings = Field(default_factory=HSplitLoRASettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", value):
+            raise ValueError(f"{value!r} is not a device (allowed: auto, cpu, cuda, cuda:N, mps)")
+        return value
 
     @model_validator(mode="after")
     def _cross_check(self) -> ExperimentConfig:

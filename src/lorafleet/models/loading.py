@@ -6,7 +6,10 @@ asset name, a local directory or a hub id; PEFT wraps it later and freezes the b
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -20,7 +23,8 @@ from lorafleet.assets import ASSETS, resolve_model_path
 from lorafleet.config import ModelConfig
 from lorafleet.errors import LorafleetError
 
-__all__ = ["default_target_modules", "head_module_names", "load_base_model"]
+__all__ = ["default_target_modules", "head_module_names", "load_base_model",
+           "quantization_config"]
 
 # LoRA targets per `config.model_type`: the attention query and value projections.
 _TARGETS: dict[str, list[str]] = {
@@ -61,27 +65,81 @@ def _model_type(model: torch.nn.Module) -> str:
     return str(getattr(config, "model_type", "") or "")
 
 
+def quantization_config(cfg: ModelConfig) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``).
+
+    4-bit (nf4, fp4): blocks of 64 weights, ``model.double_quant`` and the compute dtype
+    ``model.compute_dtype`` (default ``model.dtype``). int8: LLM.int8() with its default
+    outlier threshold. Classifier heads and the LM head stay unquantized (trained densely or
+    tied to the embeddings).
+    """
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # Listing modules replaces transformers' default (the output embeddings), so lm_head is
+    # named again; fresh classifier heads must stay dense: they are trained in full.
+    skip = ["lm_head", *_HEADS]
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    compute = getattr(torch, cfg.compute_dtype or cfg.dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
+        bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc): quantizing on the CPU frees every float
+    weight it read, and glibc would otherwise keep them resident."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def load_base_model(
-    cfg: ModelConfig, task_kind: str, num_labels: int, seed: int
+    cfg: ModelConfig, task_kind: str, num_labels: int, seed: int,
+    device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load the base model and its tokenizer, in eval mode, nothing frozen.
+    """Load the base model and its tokenizer on ``device``, in eval mode.
 
     Args:
-        cfg: ``model.name`` (embedded asset, local dir or hub id) and ``model.dtype``.
+        cfg: ``model.name`` (embedded asset, local dir or hub id), ``model.dtype`` and
+            ``model.quantization`` (with its 4-bit settings).
         task_kind: ``"classification"`` loads ``AutoModelForSequenceClassification`` with a
             fresh head; any other kind loads ``AutoModelForCausalLM``.
         num_labels: classes of the classifier head (ignored for causal LMs).
         seed: seeds the head's initialisation, so the same seed gives the same head.
+        device: where the weights live (default: the CPU). A quantized base is quantized
+            as it loads onto it (bitsandbytes: CUDA or CPU).
 
     The tokenizer always has a pad token (the eos token when the model has none, as for
     Llama and GPT-2) and ``model.config.pad_token_id`` is set, which
     ``LlamaForSequenceClassification`` needs to find each sequence's last token.
+
+    A quantized base goes through PEFT's k-bit preparation (``prepare_model_for_kbit_training``
+    without its gradient checkpointing, which ``train.gradient_checkpointing`` decides): every
+    weight is frozen and the weights left unquantized (embeddings, norms, heads) are cast to
+    float32, as QLoRA does, whatever ``model.dtype`` is. Unquantized bases are frozen later
+    by PEFT.
 
     Raises:
         LorafleetError: the model is unknown or cannot be loaded, or has no pad/eos token.
     """
     path = resolve_model_path(cfg.name)
     dtype = getattr(torch, cfg.dtype)
+    device = device or torch.device("cpu")
+    quantized = quantization_config(cfg)
+    # Only a quantized load takes placement arguments: the default path stays as it was.
+    extra: dict[str, Any] = ({} if quantized is None else
+                             {"quantization_config": quantized, "device_map": {"": str(device)}})
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         # Fork so seeding the head leaves the caller's global RNG untouched.
@@ -89,10 +147,10 @@ def load_base_model(
             torch.manual_seed(seed)
             if task_kind == "classification":
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=num_labels, dtype=dtype
+                    path, num_labels=num_labels, dtype=dtype, **extra
                 )
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise _load_error(cfg.name, path, err) from None
 
@@ -107,7 +165,16 @@ def load_base_model(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(dtype)
+    if quantized is None:
+        model.to(dtype)
+        if device.type != "cpu":
+            model.to(device)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if device.type == "cpu":
+            _trim_heap()
     model.eval()
     return model, tokenizer
 
