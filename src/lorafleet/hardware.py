@@ -237,9 +237,9 @@ class PeakMemory:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
-def stored_bytes(module: torch.nn.Module) -> int:
-    """Bytes the weights of ``module`` occupy: its parameters and buffers (each storage
-    once) plus the bitsandbytes quantization state of its 4-bit weights (absmax, codes,
+def stored_bytes(module: torch.nn.Module, buffers: bool = True) -> int:
+    """Bytes the weights of ``module`` occupy: its parameters (and buffers), each storage
+    once, plus the bitsandbytes quantization state of its 4-bit weights (absmax, codes,
     nested state) and 8-bit weights (per-row scales SCB)."""
     seen: set[int] = set()
     total = 0
@@ -254,7 +254,7 @@ def stored_bytes(module: torch.nn.Module) -> int:
         seen.add(storage.data_ptr())
         total += storage.nbytes()
 
-    for tensor in [*module.parameters(), *module.buffers()]:
+    for tensor in [*module.parameters(), *(module.buffers() if buffers else [])]:
         add(tensor)
         state = getattr(tensor, "quant_state", None)
         while state is not None:  # 4-bit: absmax, code, offset; nested: state2

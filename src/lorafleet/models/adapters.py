@@ -640,7 +640,9 @@ def _full_precision_merged_copy(peft_model: PeftModel, side_deltas: Mapping[str,
                 _set_module(inner, name, module.modules_to_save[GLOBAL_ADAPTER])
             elif is_quantized(module):
                 _set_module(inner, name, _dense_copy(module, _logical_weight(module)))
-    inner.float()
+    # transformers refuses .float() on a model loaded quantized; every quantized module is
+    # gone by now, so torch's own cast is right
+    torch.nn.Module.float(inner)
     config = cast(Any, inner).config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

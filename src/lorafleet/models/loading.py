@@ -173,6 +173,13 @@ def load_base_model(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                # bitsandbytes repacks a 4-bit weight in place for its first CPU inference
+                # on AVX512-BF16 machines: the block scales are rounded to bfloat16, and a
+                # training forward after that takes a path without a gradient to its input.
+                # The base alternates training and evaluation: keep one exact layout.
+                module.support_avx512bf16_for_cpu = False
         if device.type == "cpu":
             _trim_heap()
     model.eval()
