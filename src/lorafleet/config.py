@@ -325,7 +325,8 @@ class ClientResources(_Section):
         1.0, gt=0, description="CPUs per client; clients training at once = CPUs / this."
     )
     num_gpus: float = Field(
-        0.0, ge=0, description="GPUs per client (a fraction shares one GPU between clients)."
+        0.0, ge=0, description="GPUs per client (a fraction shares one GPU between clients); "
+        "a client with a GPU share trains on it, unless device is cpu."
     )
 
 
@@ -342,7 +343,8 @@ class RaySettings(_Section):
     )
     device_num_gpus: float | list[float] = Field(
         0.0, description="GPUs (fractions allowed) each device actor reserves: one number, or "
-        "a list with one per client. A reservation only: models run on CPU in this release.",
+        "a list with one per client. An actor that reserved a GPU computes on it (unless "
+        "device is cpu), one without on the CPU.",
     )
     device_custom_resources: dict[str, float] | list[dict[str, float]] = Field(
         default_factory=dict, description="Ray custom resources each device actor reserves: "
@@ -351,7 +353,8 @@ class RaySettings(_Section):
         "`[{phone-0: 1}, ...]` here).",
     )
     server_num_cpus: float = Field(0.0, ge=0, description="CPUs each main-server actor reserves.")
-    server_num_gpus: float = Field(0.0, ge=0, description="GPUs each main-server actor reserves.")
+    server_num_gpus: float = Field(0.0, ge=0, description="GPUs each main-server actor reserves "
+                                   "(and computes on, unless device is cpu).")
     server_replicas: int = Field(
         1, ge=1, description="Main-server actors. Up to this many clients of a round train at "
         "the same time, each with its own device actor and a free server replica; every "
