@@ -52,6 +52,7 @@ def child(num_clients: int, algorithm: str, rounds: int, extra: list[str] | None
     import torch
 
     import lorafleet.runtimes.local as local_runtime
+    import lorafleet.runtimes.session as session_module
     from lorafleet.config import load_config
 
     torch.set_num_threads(1)
@@ -77,6 +78,7 @@ def child(num_clients: int, algorithm: str, rounds: int, extra: list[str] | None
         return exp
 
     local_runtime.build_experiment = build  # type: ignore[assignment]
+    session_module.build_experiment = build  # type: ignore[assignment]  (what run_local calls)
     cfg = load_config(None, overrides(num_clients, algorithm, rounds) + (extra or []))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,7 +47,10 @@ def _kib(field: str) -> int:
 
 
 def child_resident(quantization: str) -> dict[str, float]:
-    """Load the SmolLM2 base (causal LM) in ``quantization``; its resident bytes."""
+    """Load the SmolLM2 base (causal LM) in ``quantization``; what it holds resident: the
+    RSS given back when it is dropped (with the heap trimmed), and, for reference, RSS after
+    loading minus RSS after imports (which also counts the tokenizer, lazily loaded library
+    state and heap the allocator kept) and the peak while loading."""
     from _common import quiet_libraries
 
     quiet_libraries()
@@ -70,7 +73,12 @@ def child_resident(quantization: str) -> dict[str, float]:
         if p.dtype == torch.float32:
             p.data = p.data.clone()
     _trim()
-    return {"resident": _kib("VmRSS") * 1024 - base_rss, "stored": stored_bytes(model),
+    loaded_rss = _kib("VmRSS") * 1024
+    stored = stored_bytes(model)
+    del model, p
+    _trim()
+    return {"resident": loaded_rss - _kib("VmRSS") * 1024, "stored": stored,
+            "rss_growth": loaded_rss - base_rss, "load_peak": _kib("VmHWM") * 1024 - base_rss,
             "load_s": seconds}
 
 
@@ -159,15 +167,21 @@ def main() -> None:
         nf4, fp32 = _pairs("nf4", "float32", lambda: _child(["resident", "nf4"]),
                            lambda: _child(["resident", "none"]), args.repeats)
         ratios = [a["resident"] / b["resident"] for a, b in zip(nf4, fp32, strict=True)]
-        print(table(["base", "resident MB", "range MB", "weights stored MB", "load s"], [
+        print(table(["base", "resident MB (freed on drop)", "range MB", "weights stored MB",
+                     "RSS growth MB", "load peak MB", "load s"], [
             [name, median([r["resident"] for r in runs]) / 2**20,
              spread([r["resident"] / 2**20 for r in runs]),
-             median([r["stored"] for r in runs]) / 2**20, median([r["load_s"] for r in runs])]
+             median([r["stored"] for r in runs]) / 2**20,
+             median([r["rss_growth"] for r in runs]) / 2**20,
+             median([r["load_peak"] for r in runs]) / 2**20, median([r["load_s"] for r in runs])]
             for name, runs in (("nf4", nf4), ("float32", fp32))]))
+        growth = [a["rss_growth"] / b["rss_growth"] for a, b in zip(nf4, fp32, strict=True)]
         stored = median([r["stored"] for r in nf4]) / median([r["stored"] for r in fp32])
         results.append(["base resident memory nf4 / float32", median(ratios),
                         " ".join(f"{x:.3f}" for x in ratios), "<= 0.35"])
         results.append(["base weights stored nf4 / float32", stored, "-", "-"])
+        results.append(["RSS growth over loading nf4 / float32 (tokenizer, libraries incl.)",
+                        median(growth), " ".join(f"{x:.3f}" for x in growth), "-"])
     if "fleet" in parts:
         print("\n-- peak RSS of 100 simulated clients vs 1, nf4 MiniLM base (memory.py)")
         import memory
