@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ray_split_overhead.py
 	$(BIN)/python benchmarks/ray_split_parallel.py
 	$(BIN)/python benchmarks/flower_overhead.py
+	$(BIN)/python benchmarks/qlora.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -56,6 +56,7 @@ def test_ray_split_trains_what_the_local_split_trainer_trains(setup, labels: str
     assert set(got) == set(want)
     for key in want:  # Llama has no dropout: the same float ops in both processes
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert got_metrics.pop("peak_memory_bytes") > 0  # the actors' own peaks, for the round
     assert got_metrics.keys() == want_metrics.keys()
     for key, value in want_metrics.items():
         assert got_metrics[key] == pytest.approx(value, rel=1e-6), key
