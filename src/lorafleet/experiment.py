@@ -31,9 +31,10 @@ from lorafleet.data.partition import partition_indices, partition_summary
 from lorafleet.data.tasks import Encoded, Task, make_task
 from lorafleet.errors import ConfigError
 from lorafleet.fleet import make_profiles, sketch_sizes
+from lorafleet.hardware import check_device, resolve_device
 from lorafleet.models.adapters import AdaptedModel
 from lorafleet.models.loading import default_target_modules, head_module_names, load_base_model
-from lorafleet.split.cost import ModelDims
+from lorafleet.split.cost import ModelDims, WeightFormat
 from lorafleet.split.planner import check_rank_set
 
 __all__ = ["Experiment", "build_experiment", "check_config", "client_batches", "derive_seed",
@@ -57,13 +58,20 @@ class Experiment:
     algorithm: FederatedAlgorithm
     steps_per_round: int
     split: SplitContext | None = None
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
 
-def check_config(cfg: ExperimentConfig) -> None:
-    """Cheap checks that need no model or data (run before anything slow)."""
+def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> None:
+    """Cheap checks that need no model or data (run before anything slow), including what
+    ``device`` (default: ``cfg.device`` resolved here) cannot run."""
     cls = algorithm_class(cfg.algorithm)
     if cls.split_learning:
         check_rank_set(cfg.split.rank_set)
+        if cfg.train.gradient_checkpointing:
+            raise ConfigError("train.gradient_checkpointing", f"{cfg.algorithm} is split "
+                              "learning, whose cut the recomputation would not see; it must "
+                              "be false (split.split_point already bounds device memory)")
+    check_device(cfg, device or resolve_device(cfg.device), split_learning=cls.split_learning)
 
 
 def resolve_algorithm(cfg: ExperimentConfig) -> type[FederatedAlgorithm]:
@@ -101,6 +109,7 @@ def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Mod
         rank_set=check_rank_set(cfg.split.rank_set), split_point=1,
         optimizer=cfg.train.optimizer,
         eager_attention=getattr(config, "_attn_implementation", "eager") == "eager",
+        **_weight_pricing(cfg),
     )
     fixed = cfg.split.split_point
     if fixed is None and not needs_fixed_split:
@@ -126,9 +135,25 @@ def _load_dataset(cfg: ExperimentConfig, data: DataConfig) -> TextDataset:
     return load_text_dataset(data, cfg.seed)
 
 
-def build_experiment(cfg: ExperimentConfig) -> Experiment:
-    """Load data and model, partition, draw the fleet and build the algorithm."""
-    check_config(cfg)
+def _weight_pricing(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The split cost model's view of ``model.dtype``/``model.quantization``: the frozen
+    weights' format and the activations' bytes (nothing for a float32 base, as before)."""
+    m = cfg.model
+    if m.dtype == "float32" and m.quantization == "none":
+        return {}
+    compute = m.compute_dtype if m.quantization in ("nf4", "fp4") and m.compute_dtype else m.dtype
+    return {"weight_format": WeightFormat.of(m.dtype, m.quantization, m.double_quant),
+            "dtype_bytes": WeightFormat.DTYPE_BYTES[compute]}
+
+
+def build_experiment(cfg: ExperimentConfig, device: torch.device | None = None) -> Experiment:
+    """Load data and model, partition, draw the fleet and build the algorithm.
+
+    The model computes on ``device`` (default: ``cfg.device`` resolved in this process; a
+    Ray worker or a Flower node passes its own).
+    """
+    device = device or resolve_device(cfg.device)
+    check_config(cfg, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dataset = _load_dataset(cfg, cfg.data)
@@ -147,7 +172,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     summary = partition_summary(parts, labels, dataset.label_names)  # type: ignore[arg-type]
 
     base, tokenizer = load_base_model(
-        cfg.model, cfg.task.kind, max(len(dataset.label_names), 1), cfg.seed
+        cfg.model, cfg.task.kind, max(len(dataset.label_names), 1), cfg.seed, device
     )
     task = make_task(cfg, tokenizer, dataset.label_names)
     algo_cls = resolve_algorithm(cfg)
@@ -166,6 +191,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
             dropout=cfg.lora.dropout,
             use_rslora=cfg.lora.use_rslora,
             seed=derive_seed(cfg.seed, "adapter-init"),
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
         )
     except ValueError as err:
         raise ConfigError("lora.target_modules", str(err)) from None
@@ -220,6 +246,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         algorithm=algorithm,
         steps_per_round=steps,
         split=ctx,
+        device=device,
     )
 
 

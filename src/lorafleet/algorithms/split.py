@@ -42,7 +42,12 @@ from lorafleet.algorithms.fedavg import FedAvg
 from lorafleet.algorithms.flora import FLoRA, fresh_lora_A, stack_adapters
 from lorafleet.algorithms.hetlora import HetLoRA
 from lorafleet.errors import ConfigError, LorafleetError
-from lorafleet.split.cost import ModelDims, device_flops_per_step, device_memory_bytes
+from lorafleet.split.cost import (
+    ModelDims,
+    WeightFormat,
+    device_flops_per_step,
+    device_memory_bytes,
+)
 from lorafleet.split.importance import ImportanceTracker, weight_key
 from lorafleet.split.planner import ClientPlan, _mb, plan_client, replan_needed
 
@@ -109,6 +114,9 @@ class SplitContext:
             unused (1) by adaptive HSplitLoRA, whose planner picks each client's split.
         optimizer: the client optimizer ("adamw", "sgd"): its state is priced.
         eager_attention: the model keeps B·h·T² attention probabilities for backward.
+        weight_format: how the frozen weights are stored (a quantized or half-precision
+            base), None for float32.
+        dtype_bytes: bytes per activation value (the base's compute dtype).
     """
 
     dims: ModelDims
@@ -121,6 +129,8 @@ class SplitContext:
     split_point: int
     optimizer: str = "adamw"
     eager_attention: bool = True
+    weight_format: WeightFormat | None = None
+    dtype_bytes: int = 4
 
     def layer_ranks(self, ranks: Mapping[str, int]) -> dict[Key, int]:
         """Module ranks as the cost model's (layer, weight) ranks (outside modules dropped)."""
@@ -135,8 +145,10 @@ class SplitContext:
                      seq: int | None = None) -> int:
         """Device memory of one step at ``split`` with these module ranks (cost model)."""
         return device_memory_bytes(self.dims, split, self.layer_ranks(ranks),
-                                   batch or self.batch, seq or self.seq, optimizer=self.optimizer,
-                                   eager_attention=self.eager_attention).total
+                                   batch or self.batch, seq or self.seq, self.dtype_bytes,
+                                   optimizer=self.optimizer,
+                                   eager_attention=self.eager_attention,
+                                   weights=self.weight_format).total
 
     def step_flops(self, split: int, ranks: Mapping[str, int], batch: int, seq: int
                    ) -> tuple[float, float]:
@@ -371,7 +383,8 @@ class HSplitLoRA(_SplitFamily, FLoRA):
                     ctx.budgets_bytes[client.id], ctx.budgets_flops[client.id], q,
                     batch=ctx.batch, seq=ctx.seq, max_split=ctx.dims.num_layers - 1,
                     split_policy=self.split_policy, optimizer=ctx.optimizer,
-                    eager_attention=ctx.eager_attention, server_rank=self.spec.rank)
+                    eager_attention=ctx.eager_attention, server_rank=self.spec.rank,
+                    dtype_bytes=ctx.dtype_bytes, weights=ctx.weight_format)
             except LorafleetError as err:
                 raise LorafleetError(f"client {client.id}: {err}") from None
             ranks = {module: 0 for module in ctx.weights}

@@ -69,8 +69,9 @@ class Encoded:
 def _model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    except StopIteration:  # a stand-in without parameters (split learning) may say its own
+        device = getattr(model, "device", None)
+        return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -338,6 +339,15 @@ class Task(ABC):
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scalar training loss of ``model`` on a collated batch."""
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """What :meth:`loss` averages over in ``batch``: its examples for class labels (B,),
+        its scored next-token positions for token labels (B, T). Micro-batches weighted by it
+        add up to the whole batch's mean loss (``train.grad_accum_steps``)."""
+        labels = batch["labels"]
+        if labels.ndim == 1:
+            return float(labels.shape[0])
+        return float((labels[:, 1:] != IGNORE_INDEX).sum())
 
     @abstractmethod
     def evaluate(

@@ -12,6 +12,8 @@ plus any module the checkpoint did not hold (randomly initialised).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,7 +38,12 @@ __all__ = [
     "layer_linear_modules",
     "linear_modules_of",
     "load_base_model",
+    "quantization_config",
 ]
+
+# Classifier-head module names kept dense under quantization (head_module_names finds the
+# heads only after loading; these are the names transformers' classifiers use).
+_DENSE_HEADS = ("classifier", "score", "pooler", "pre_classifier", "head")
 
 # Where load_base_model leaves the parameter names the checkpoint did not hold.
 MISSING_KEYS_ATTR = "lorafleet_missing_keys"
@@ -72,27 +79,81 @@ def _model_type(model: torch.nn.Module) -> str:
     return str(getattr(config, "model_type", "") or "")
 
 
+def quantization_config(cfg: ModelConfig) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``).
+
+    4-bit (nf4, fp4): blocks of 64 weights, ``model.double_quant`` and the compute dtype
+    ``model.compute_dtype`` (default ``model.dtype``). int8: LLM.int8() with its default
+    outlier threshold. Classifier heads and the LM head stay unquantized (trained densely or
+    tied to the embeddings).
+    """
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # Listing modules replaces transformers' default (the output embeddings), so lm_head is
+    # named again; fresh classifier heads must stay dense: they are trained in full.
+    skip = ["lm_head", *_DENSE_HEADS]
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    compute = getattr(torch, cfg.compute_dtype or cfg.dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
+        bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc): quantizing on the CPU frees every float
+    weight it read, and glibc would otherwise keep them resident."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def load_base_model(
-    cfg: ModelConfig, task_kind: str, num_labels: int, seed: int
+    cfg: ModelConfig, task_kind: str, num_labels: int, seed: int,
+    device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load the base model and its tokenizer, in eval mode, nothing frozen.
+    """Load the base model and its tokenizer on ``device``, in eval mode.
 
     Args:
-        cfg: ``model.name`` (embedded asset, local dir or hub id) and ``model.dtype``.
+        cfg: ``model.name`` (embedded asset, local dir or hub id), ``model.dtype`` and
+            ``model.quantization`` (with its 4-bit settings).
         task_kind: ``"classification"`` loads ``AutoModelForSequenceClassification`` with a
             fresh head; any other kind loads ``AutoModelForCausalLM``.
         num_labels: classes of the classifier head (ignored for causal LMs).
         seed: seeds the head's initialisation, so the same seed gives the same head.
+        device: where the weights live (default: the CPU). A quantized base is quantized
+            as it loads onto it (bitsandbytes: CUDA or CPU).
 
     The tokenizer always has a pad token (the eos token when the model has none, as for
     Llama and GPT-2) and ``model.config.pad_token_id`` is set, which
     ``LlamaForSequenceClassification`` needs to find each sequence's last token.
+
+    A quantized base goes through PEFT's k-bit preparation (``prepare_model_for_kbit_training``
+    without its gradient checkpointing, which ``train.gradient_checkpointing`` decides): every
+    weight is frozen and the weights left unquantized (embeddings, norms, heads) are cast to
+    float32, as QLoRA does, whatever ``model.dtype`` is. Unquantized bases are frozen later
+    by PEFT.
 
     Raises:
         LorafleetError: the model is unknown or cannot be loaded, or has no pad/eos token.
     """
     path = resolve_model_path(cfg.name)
     dtype = getattr(torch, cfg.dtype)
+    device = device or torch.device("cpu")
+    quantized = quantization_config(cfg)
+    # Only a quantized load takes placement arguments: the default path stays as it was.
+    extra: dict[str, Any] = ({} if quantized is None else
+                             {"quantization_config": quantized, "device_map": {"": str(device)}})
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         # Fork so seeding the head leaves the caller's global RNG untouched.
@@ -100,11 +161,12 @@ def load_base_model(
             torch.manual_seed(seed)
             if task_kind == "classification":
                 model, info = cast(Any, AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=num_labels, dtype=dtype, output_loading_info=True
+                    path, num_labels=num_labels, dtype=dtype, output_loading_info=True,
+                    **extra
                 ))
             else:
                 model, info = cast(Any, AutoModelForCausalLM.from_pretrained(
-                    path, dtype=dtype, output_loading_info=True
+                    path, dtype=dtype, output_loading_info=True, **extra
                 ))
     except (OSError, ValueError) as err:
         raise _load_error(cfg.name, path, err) from None
@@ -120,7 +182,23 @@ def load_base_model(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(dtype)
+    if quantized is None:
+        model.to(dtype)
+        if device.type != "cpu":
+            model.to(device)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                # bitsandbytes repacks a 4-bit weight in place for its first CPU inference
+                # on AVX512-BF16 machines: the block scales are rounded to bfloat16, and a
+                # training forward after that takes a path without a gradient to its input.
+                # The base alternates training and evaluation: keep one exact layout.
+                module.support_avx512bf16_for_cpu = False
+        if device.type == "cpu":
+            _trim_heap()
     model.eval()
     # Randomly initialised modules the head depends on (head_module_names trains them).
     setattr(model, MISSING_KEYS_ATTR, sorted(info.get("missing_keys") or ()))

@@ -13,6 +13,12 @@ trained by the device's optimizer, its layers >= s (the server's per-client adap
 SFL-V1) and any dense head by the server's. With ``grad_clip`` each side clips its own
 gradient norm (a joint norm would need one more exchange per step); without clipping the
 result equals training the unsplit model on the same batches (tests/test_split_runtime.py).
+
+Devices: each side computes on its model's device (the token ids, the activations and the
+gradient it receives are moved there); ``train.precision`` autocasts both forwards; with
+``train.grad_accum_steps`` H a step runs H micro-batches through the cut, each loss weighted
+by its share of the batch (as :func:`lorafleet.models.adapters.accumulate`), and both sides
+step once.
 """
 
 from __future__ import annotations
@@ -27,8 +33,16 @@ from torch import nn
 
 from lorafleet.algorithms.base import Batch, Tensors, split_key
 from lorafleet.algorithms.split import IMPORTANCE_PREFIX, module_layer
+from lorafleet.hardware import autocast
 from lorafleet.metrics import tensor_bytes
-from lorafleet.models.adapters import AdaptedModel, LossFn, training_mode
+from lorafleet.models.adapters import (
+    AdaptedModel,
+    LossFn,
+    LossWeight,
+    WeightProbe,
+    micro_batches,
+    training_mode,
+)
 from lorafleet.models.split import Activations, SplitModel, activations_to_tensors, split_model
 from lorafleet.split.importance import unit_rank_cost, weight_score
 
@@ -72,6 +86,11 @@ class _Logits(nn.Module):
         super().__init__()
         self.logits = logits
 
+    @property
+    def device(self) -> torch.device:
+        """Where the logits are (the task moves the labels there)."""
+        return self.logits.device
+
     def forward(self, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
         return SimpleNamespace(logits=self.logits)
@@ -82,19 +101,22 @@ class _Side:
 
     def __init__(self, model: AdaptedModel, loss_fn: LossFn, *, split_point: int,
                  lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
-                 grad_clip: float | None = None, probe_importance: bool = False) -> None:
+                 grad_clip: float | None = None, probe_importance: bool = False,
+                 precision: str = "fp32") -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.split_point = split_point
         self.lr, self.optimizer_name, self.weight_decay = lr, optimizer, weight_decay
         self.grad_clip = grad_clip
         self.probe_importance = probe_importance
+        self.precision = precision
+        self.device = model.device
         self.split: SplitModel | None = None
         self.adapter = ""
         self.keys: list[str] = []
         self.params: list[nn.Parameter] = []
         self.optimizer: torch.optim.Optimizer | None = None
-        self.probed: dict[str, torch.Tensor] = {}
+        self.probes: dict[str, WeightProbe] = {}
         self.scores: dict[str, float] = {}
 
     def mine(self, key: str) -> bool:
@@ -124,7 +146,7 @@ class _Side:
             else:
                 self.optimizer = torch.optim.AdamW(self.params, lr=self.lr,
                                                    weight_decay=self.weight_decay)
-        self.probed = ({m: w for m, w in model.adapted_weights().items() if self._owns_module(m)}
+        self.probes = ({m: p for m, p in model.weight_probes().items() if self._owns_module(m)}
                        if self.probe_importance else {})
         self.scores = {}
 
@@ -136,13 +158,13 @@ class _Side:
 
     def probe(self, on: bool) -> None:
         """Let this step compute ∂L/∂W of this side's frozen adapted weights (or stop)."""
-        for w in self.probed.values():
-            w.requires_grad_(on)
+        for p in self.probes.values():
+            p.switch(on)
 
     def step(self) -> None:
         """Collect probe scores (if any), clip this side's gradients, apply its optimizer."""
-        if any(w.requires_grad for w in self.probed.values()):
-            self.scores.update(_importance(self.probed))
+        if any(p.active for p in self.probes.values()):
+            self.scores.update(_importance(self.probes))
             self.probe(False)
         if self.optimizer is None:
             return
@@ -155,9 +177,9 @@ class _Side:
         """This side's trained tensors and importance scores; parameters frozen again."""
         for p in self.params:
             p.requires_grad_(False)
-        for w in self.probed.values():
-            w.requires_grad_(False)
-            w.grad = None
+        for probe in self.probes.values():
+            probe.switch(False)
+            probe.clear()
         return self.model.read(self.adapter, self.keys), dict(self.scores)
 
 
@@ -187,8 +209,10 @@ class DeviceSide(_Side):
         """Run layers [0, s) on ``input_ids``/``attention_mask``; returns the wire tensors
         (and counts them, plus ``labels`` when they travel to the server)."""
         assert self.split is not None, "begin() first"
-        ids = inputs["input_ids"]
-        out = self.split.device_part(ids, inputs.get("attention_mask"))
+        ids = inputs["input_ids"].to(self.device)
+        mask = inputs.get("attention_mask")
+        with autocast(self.device, self.precision):
+            out = self.split.device_part(ids, None if mask is None else mask.to(self.device))
         self._hidden = out.hidden
         wire = activations_to_tensors(out)
         self.stats.shapes.append((int(ids.shape[0]), int(ids.shape[1])))
@@ -197,13 +221,16 @@ class DeviceSide(_Side):
             self.stats.bytes_up += tensor_bytes({"labels": inputs["labels"]})
         return wire
 
-    def loss_from_logits(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
-                         ) -> tuple[float, torch.Tensor]:
-        """Labels on the device: the loss of the server's logits; returns it and ∂L/∂logits
-        (received logits and the gradient sent back are counted)."""
+    def loss_from_logits(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor],
+                         share: float = 1.0) -> tuple[float, torch.Tensor]:
+        """Labels on the device: the loss of the server's logits (times ``share``, a
+        micro-batch's part of its batch); returns it and ∂L/∂logits (received logits and the
+        gradient sent back are counted)."""
         self.stats.bytes_down += logits.numel() * logits.element_size()
         leaf = logits.detach().requires_grad_(True)
         loss = self.loss_fn(_Logits(leaf), dict(batch))
+        if share != 1.0:
+            loss = loss * share
         loss.backward()
         assert leaf.grad is not None
         self.stats.bytes_up += leaf.grad.numel() * leaf.grad.element_size()
@@ -215,7 +242,7 @@ class DeviceSide(_Side):
             raise RuntimeError("backward before forward")
         self.stats.bytes_down += grad.numel() * grad.element_size()
         hidden, self._hidden = self._hidden, None
-        hidden.backward(grad)
+        hidden.backward(grad.to(hidden.device))
 
 
 class ServerSide(_Side):
@@ -241,16 +268,21 @@ class ServerSide(_Side):
 
     def _run(self, wire: Mapping[str, torch.Tensor]) -> torch.Tensor:
         assert self.split is not None, "begin() first"
+        wire = {k: v.to(self.device) for k, v in wire.items()}
         self._received = Activations.from_tensors(wire, requires_grad=True)
-        return self.split.server_part(self._received)
+        with autocast(self.device, self.precision):
+            return self.split.server_part(self._received)
 
-    def loss_step(self, wire: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]
-                  ) -> tuple[float, torch.Tensor]:
-        """Labels on the server: forward, loss, backward; returns the loss and ∂L/∂hidden."""
+    def loss_step(self, wire: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor],
+                  share: float = 1.0) -> tuple[float, torch.Tensor]:
+        """Labels on the server: forward, loss (times ``share``, a micro-batch's part of its
+        batch), backward; returns the loss and ∂L/∂hidden."""
         logits = self._run(wire)
         batch = {"input_ids": torch.zeros_like(wire["attention_mask"]),  # ids stay on device
                  "attention_mask": wire["attention_mask"], **labels}
         loss = self.loss_fn(_Logits(logits), batch)
+        if share != 1.0:
+            loss = loss * share
         loss.backward()
         return float(loss.detach()), self._grad()
 
@@ -264,7 +296,7 @@ class ServerSide(_Side):
         if self._logits is None:
             raise RuntimeError("backward before forward")
         logits, self._logits = self._logits, None
-        logits.backward(grad_logits)
+        logits.backward(grad_logits.to(logits.device))
         return self._grad()
 
     def _grad(self) -> torch.Tensor:
@@ -274,20 +306,40 @@ class ServerSide(_Side):
         return grad
 
 
+def micro_shares(batch: Mapping[str, torch.Tensor], parts: int,
+                 loss_weight: LossWeight | None) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """``batch`` as (micro-batch, share of the batch's loss) pairs: itself with share 1 when
+    ``parts`` is 1, else :func:`~lorafleet.models.adapters.micro_batches` weighted by
+    ``loss_weight`` (default: rows), shares summing to 1."""
+    if parts == 1:
+        return [(dict(batch), 1.0)]
+    chunks = micro_batches(dict(batch), parts)
+    weights = [float(loss_weight(c)) if loss_weight is not None else float(c["input_ids"].shape[0])
+               for c in chunks]
+    total = sum(weights)
+    return [(c, w / total if total > 0 else 1.0 / len(chunks))
+            for c, w in zip(chunks, weights, strict=True)]
+
+
 def split_step(device: DeviceSide, server: ServerSide, batch: Mapping[str, torch.Tensor],
-               labels: Literal["server", "device"]) -> float:
+               labels: Literal["server", "device"], *, grad_accum_steps: int = 1,
+               loss_weight: LossWeight | None = None) -> float:
     """One split-learning step in this process: device forward, the exchange, both
-    backwards and both optimizer steps. Returns the loss."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    if labels == "server":
-        wire = device.forward({**inputs, "labels": batch["labels"]})
-        loss, grad = server.loss_step(wire, {"labels": batch["labels"]})
-    else:
-        wire = device.forward(inputs, send_labels=False)
-        logits = server.forward(wire)
-        loss, grad_logits = device.loss_from_logits(logits, batch)
-        grad = server.backward(grad_logits)
-    device.backward(grad)
+    backwards (per micro-batch with ``grad_accum_steps`` > 1) and both optimizer steps.
+    Returns the loss."""
+    loss = 0.0
+    for chunk, share in micro_shares(batch, grad_accum_steps, loss_weight):
+        inputs = {k: chunk[k] for k in ("input_ids", "attention_mask")}
+        if labels == "server":
+            wire = device.forward({**inputs, "labels": chunk["labels"]})
+            part, grad = server.loss_step(wire, {"labels": chunk["labels"]}, share)
+        else:
+            wire = device.forward(inputs, send_labels=False)
+            logits = server.forward(wire)
+            part, grad_logits = device.loss_from_logits(logits, chunk, share)
+            grad = server.backward(grad_logits)
+        device.backward(grad)
+        loss += part
     device.step()
     server.step()
     return loss
@@ -307,6 +359,10 @@ class SplitClientTrainer:
             ``"importance/<module>"`` (HSplitLoRA's probe batch).
         lr, optimizer, weight_decay, grad_clip: optimizer settings of both sides.
         on_step: called as ``on_step(step, loss)`` after every step (progress bars).
+        precision: autocast of both forwards (``train.precision``; fp16 is refused for
+            split learning by :func:`lorafleet.hardware.check_device`).
+        grad_accum_steps, loss_weight: micro-batches per step and their weights
+            (:func:`split_step`).
     """
 
     def __init__(
@@ -322,6 +378,9 @@ class SplitClientTrainer:
         weight_decay: float = 0.0,
         grad_clip: float | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        precision: str = "fp32",
+        grad_accum_steps: int = 1,
+        loss_weight: LossWeight | None = None,
     ) -> None:
         if labels not in ("server", "device"):
             raise ValueError(f"labels must be 'server' or 'device', not {labels!r}")
@@ -329,9 +388,11 @@ class SplitClientTrainer:
         self.split_point = split_point
         self.labels: Literal["server", "device"] = labels
         self.on_step = on_step
+        self.grad_accum_steps = grad_accum_steps
+        self.loss_weight = loss_weight
         options = {"split_point": split_point, "lr": lr, "optimizer": optimizer,
                    "weight_decay": weight_decay, "grad_clip": grad_clip,
-                   "probe_importance": probe_importance}
+                   "probe_importance": probe_importance, "precision": precision}
         self.device = DeviceSide(model, loss_fn, **options)
         self.server = ServerSide(model, loss_fn, **options)
 
@@ -363,7 +424,9 @@ class SplitClientTrainer:
             for step, batch in enumerate(batches):
                 self.device.probe(step == 0)
                 self.server.probe(step == 0)
-                losses.append(split_step(self.device, self.server, batch, self.labels))
+                losses.append(split_step(self.device, self.server, batch, self.labels,
+                                         grad_accum_steps=self.grad_accum_steps,
+                                         loss_weight=self.loss_weight))
                 if self.on_step is not None:
                     self.on_step(step, losses[-1])
         trained, metrics = self.device.end()
@@ -374,14 +437,16 @@ class SplitClientTrainer:
         return {k: trained[k] for k in tensors}, metrics
 
 
-def _importance(weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def _importance(probes: Mapping[str, WeightProbe]) -> dict[str, float]:
     """s(W) per module from the gradients the probe step left on the frozen weights."""
     out: dict[str, float] = {}
-    for module, w in weights.items():
-        if w.grad is None:
+    for module, probe in probes.items():
+        grad = probe.grad
+        if grad is None:
             continue
+        w = probe.weight
         m, n = w.shape[0], w.shape[1]
         # HSplitLoRA: s(W) = mean|W ⊙ ∂L/∂W| / c(W), c(W) = m + n
-        out[IMPORTANCE_PREFIX + module] = weight_score(w, w.grad, unit_rank_cost(m, n))
-        w.grad = None
+        out[IMPORTANCE_PREFIX + module] = weight_score(w, grad, unit_rank_cost(m, n))
+        probe.clear()
     return out

@@ -172,7 +172,8 @@ def _ray_trainer(exp: Experiment, workers: Any, payload: Payload, client: int, r
         split_point=int(payload.config["split_point"]), labels=exp.cfg.split.labels,
         probe_importance=bool(payload.config.get("probe_importance", False)), lr=tc.lr,
         optimizer=tc.optimizer, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
-        on_step=on_step)
+        on_step=on_step, precision=tc.precision, grad_accum_steps=tc.grad_accum_steps,
+        loss_weight=exp.task.loss_weight)
 
 
 def _split_client_time(exp: Experiment, clock: SimulatedClock, profile: DeviceProfile,

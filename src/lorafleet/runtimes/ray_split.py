@@ -30,6 +30,16 @@ the stacked factors of the device's layers). A device actor that dies is dropped
 (the driver logs it and the round aggregates the others) and started again the next time
 its client is sampled; nothing already aggregated is lost.
 
+Devices: each actor computes on the device its own resource request gives it
+(:func:`lorafleet.hardware.worker_device`): a GPU when it reserved one
+(``ray.device_num_gpus`` / ``ray.server_num_gpus``; Ray makes it the actor's ``cuda:0``,
+fractions share it), else the CPU; ``device: cpu`` keeps every actor on the CPU. The paper's
+setting is weak devices on CPU and the main server on a GPU. Whatever crosses an actor
+(activations, gradients, logits, adapters) crosses as CPU tensors and is moved onto the
+receiving actor's device there. ``train.grad_accum_steps`` runs each step's micro-batches
+through the cut one after another before both actors step; each actor reports the peak
+memory of its round (``peak_memory_bytes``, the largest of the two is the client's).
+
 ``ray.init(address=...)`` joins an existing cluster (``ray start --head`` on one machine,
 ``ray start --address HEAD:6379`` on the others); without an address a local Ray instance
 is started. Resources per actor come from the ``ray`` config section.
@@ -47,7 +57,16 @@ import torch
 from lorafleet.algorithms.base import Batch, Tensors
 from lorafleet.config import ExperimentConfig
 from lorafleet.errors import LorafleetError
-from lorafleet.models.split_training import DeviceSide, ServerSide, SplitStats, _Side, on_device
+from lorafleet.hardware import PeakMemory, release_memory, worker_device
+from lorafleet.models.adapters import LossWeight
+from lorafleet.models.split_training import (
+    DeviceSide,
+    ServerSide,
+    SplitStats,
+    _Side,
+    micro_shares,
+    on_device,
+)
 
 __all__ = ["DeviceActor", "RaySplitTrainer", "RaySplitWorkers", "ServerActor"]
 
@@ -60,6 +79,7 @@ class _SideHost:
     side_class: type[_Side] = _Side
 
     def __init__(self, config_yaml: str, threads: int | None) -> None:
+        import ray
         import yaml
 
         from lorafleet.config import validate_config
@@ -68,8 +88,14 @@ class _SideHost:
         if threads:
             torch.set_num_threads(threads)
         cfg = validate_config(yaml.safe_load(config_yaml))
-        self.exp = build_experiment(cfg)
+        gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+        self.exp = build_experiment(cfg, device=worker_device(cfg.device, list(gpus)))
         self.side: Any = None
+        self.peak = PeakMemory(self.exp.device)
+
+    def device(self) -> str:
+        """The device this actor computes on."""
+        return str(self.exp.device)
 
     def set_base_delta(self, deltas: Tensors) -> None:
         """W = W0 + delta for the merged-into-base algorithms (the fed server's model)."""
@@ -77,6 +103,7 @@ class _SideHost:
 
     def begin(self, tensors: Tensors, ranks: dict[str, int], scaling: dict[str, float],
               options: dict[str, Any], seed: int) -> None:
+        self.peak.reset()
         torch.manual_seed(seed)
         model = self.exp.model
         for p in model.peft.parameters():
@@ -100,18 +127,23 @@ class _SideHost:
 
     def end(self) -> tuple[Tensors, dict[str, float]]:
         self.exp.model.peft.eval()
-        return self.side.end()  # type: ignore[no-any-return]
+        trained, metrics = self.side.end()
+        metrics["peak_memory_bytes"] = float(self.peak.read())
+        release_memory(self.exp.device)
+        return trained, metrics
 
 
 class _DeviceHost(_SideHost):
     side_class = DeviceSide
 
     def forward(self, inputs: Tensors, send_labels: bool) -> Tensors:
-        return self.side.forward(inputs, send_labels)  # type: ignore[no-any-return]
+        # .cpu() is the tensor itself on the CPU: what leaves an actor is a CPU tensor
+        return {k: v.cpu() for k, v in self.side.forward(inputs, send_labels).items()}
 
-    def loss_from_logits(self, logits: torch.Tensor, batch: Tensors
+    def loss_from_logits(self, logits: torch.Tensor, batch: Tensors, share: float = 1.0
                          ) -> tuple[float, torch.Tensor]:
-        return self.side.loss_from_logits(logits, batch)  # type: ignore[no-any-return]
+        loss, grad = self.side.loss_from_logits(logits, batch, share)
+        return loss, grad.cpu()
 
     def backward(self, grad: torch.Tensor) -> None:
         self.side.backward(grad)
@@ -124,14 +156,16 @@ class _DeviceHost(_SideHost):
 class _ServerHost(_SideHost):
     side_class = ServerSide
 
-    def loss_step(self, wire: Tensors, labels: Tensors) -> tuple[float, torch.Tensor]:
-        return self.side.loss_step(wire, labels)  # type: ignore[no-any-return]
+    def loss_step(self, wire: Tensors, labels: Tensors, share: float = 1.0
+                  ) -> tuple[float, torch.Tensor]:
+        loss, grad = self.side.loss_step(wire, labels, share)
+        return loss, grad.cpu()
 
     def forward(self, wire: Tensors) -> torch.Tensor:
-        return self.side.forward(wire)  # type: ignore[no-any-return]
+        return self.side.forward(wire).cpu()  # type: ignore[no-any-return]
 
     def backward(self, grad_logits: torch.Tensor) -> torch.Tensor:
-        return self.side.backward(grad_logits)  # type: ignore[no-any-return]
+        return self.side.backward(grad_logits).cpu()  # type: ignore[no-any-return]
 
 
 def _ray() -> Any:
@@ -302,16 +336,19 @@ class RaySplitTrainer:
                  labels: Literal["server", "device"] = "server",
                  probe_importance: bool = False, lr: float, optimizer: str = "adamw",
                  weight_decay: float = 0.0, grad_clip: float | None = None,
-                 on_step: Any = None) -> None:
+                 on_step: Any = None, precision: str = "fp32", grad_accum_steps: int = 1,
+                 loss_weight: LossWeight | None = None) -> None:
         self.workers = workers
         self.client = client
         self.seed = seed
         self.split_point = split_point
         self.labels: Literal["server", "device"] = labels
         self.on_step = on_step
+        self.grad_accum_steps = grad_accum_steps
+        self.loss_weight = loss_weight
         self.options = {"split_point": split_point, "lr": lr, "optimizer": optimizer,
                         "weight_decay": weight_decay, "grad_clip": grad_clip,
-                        "probe_importance": probe_importance}
+                        "probe_importance": probe_importance, "precision": precision}
         self.stats = SplitStats()
 
     def device_side(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
@@ -363,21 +400,27 @@ class RaySplitTrainer:
         for step, batch in enumerate(batches):
             device.probe.remote(step == 0)
             server.probe.remote(step == 0)
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-            if self.labels == "server":
-                wire = device.forward.remote({**inputs, "labels": batch["labels"]}, True)
-                loss_ref, grad = server.loss_step.options(num_returns=2).remote(
-                    wire, {"labels": batch["labels"]})
-            else:
-                wire = device.forward.remote(inputs, False)
-                logits = server.forward.remote(wire)
-                loss_ref, grad_logits = device.loss_from_logits.options(
-                    num_returns=2).remote(logits, dict(batch))
-                grad = server.backward.remote(grad_logits)
-            device.backward.remote(grad)
+            loss_refs = []
+            for chunk, share in micro_shares(batch, self.grad_accum_steps, self.loss_weight):
+                inputs = {k: chunk[k] for k in ("input_ids", "attention_mask")}
+                if self.labels == "server":
+                    wire = device.forward.remote({**inputs, "labels": chunk["labels"]}, True)
+                    loss_ref, grad = server.loss_step.options(num_returns=2).remote(
+                        wire, {"labels": chunk["labels"]}, share)
+                else:
+                    wire = device.forward.remote(inputs, False)
+                    logits = server.forward.remote(wire)
+                    loss_ref, grad_logits = device.loss_from_logits.options(
+                        num_returns=2).remote(logits, dict(chunk), share)
+                    grad = server.backward.remote(grad_logits)
+                device.backward.remote(grad)
+                loss_refs.append(loss_ref)
             device.step.remote()
             server.step.remote()
-            losses.append(float(ray.get(loss_ref)))
+            loss = 0.0
+            for part in ray.get(loss_refs):
+                loss += float(part)
+            losses.append(loss)
             if self.on_step is not None:
                 self.on_step(step, losses[-1])
         (trained, metrics), (server_trained, scores), stats = ray.get(
@@ -386,6 +429,8 @@ class RaySplitTrainer:
                                 bytes_up=int(stats["bytes_up"]),
                                 bytes_down=int(stats["bytes_down"]))
         trained.update(server_trained)
+        peaks = [metrics.pop("peak_memory_bytes", 0.0), scores.pop("peak_memory_bytes", 0.0)]
         metrics.update(scores)
-        metrics.update({"loss": sum(losses) / max(len(losses), 1), "steps": float(len(losses))})
+        metrics.update({"loss": sum(losses) / max(len(losses), 1), "steps": float(len(losses)),
+                        "peak_memory_bytes": max(peaks)})
         return {k: trained[k] for k in tensors}, metrics

@@ -41,6 +41,7 @@ from lorafleet.experiment import (
     derive_seed,
     sample_clients,
 )
+from lorafleet.hardware import PeakMemory, release_memory
 from lorafleet.metrics import CommLedger, SimulatedClock, tensor_bytes, train_flops
 from lorafleet.models.adapters import PeftClientTrainer
 from lorafleet.models.split_training import SplitClientTrainer
@@ -67,7 +68,7 @@ log = logging.getLogger("lorafleet")
 BYTES_PER_VALUE = 4  # float32 on the wire
 
 # Config fields a resumed run may change: none of them changes what the rounds compute.
-RESUME_MAY_CHANGE = ("rounds", "runtime", "client_resources")
+RESUME_MAY_CHANGE = ("rounds", "runtime", "client_resources", "device")
 
 # What a failing client raises (out of memory, a bad batch, a missing file): the client is
 # dropped from the round and the others aggregate.
@@ -113,11 +114,14 @@ def make_trainer(exp: Experiment, payload: Payload,
             labels=exp.cfg.split.labels,
             probe_importance=bool(payload.config.get("probe_importance", False)),
             lr=tc.lr, optimizer=tc.optimizer, weight_decay=tc.weight_decay,
-            grad_clip=tc.grad_clip, on_step=on_step,
+            grad_clip=tc.grad_clip, on_step=on_step, precision=tc.precision,
+            grad_accum_steps=tc.grad_accum_steps, loss_weight=exp.task.loss_weight,
         )
     return PeftClientTrainer(
         exp.model, exp.task.loss, lr=tc.lr, optimizer=tc.optimizer,
         weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, on_step=on_step,
+        precision=tc.precision, grad_accum_steps=tc.grad_accum_steps,
+        loss_weight=exp.task.loss_weight,
     )
 
 
@@ -137,7 +141,10 @@ def train_client(
     """Client ``client``'s local training in ``round``, wherever it runs.
 
     Its batches and the torch seed are pure functions of (seed, round, client), so the
-    result does not depend on the process or on which clients trained before.
+    result does not depend on the process or on which clients trained before. Its metrics
+    get ``peak_memory_bytes``, the peak memory of its training (:class:`PeakMemory`; the
+    largest of what the split actors report, if more), and the device's cached memory is
+    released after it (GPUs only: :func:`release_memory`).
 
     Returns:
         The algorithm's client result (``num_examples`` set) and the tokens trained on.
@@ -152,10 +159,15 @@ def train_client(
         steps=exp.steps_per_round, seed=derive_seed(cfg.seed, "batches", round, client),
     ), tokens)
     torch.manual_seed(derive_seed(cfg.seed, "train", round, client))
+    peak = PeakMemory(exp.device)
+    peak.reset()
     t0 = time.perf_counter()
     result = exp.algorithm.client_update(trainer, payload, batches)
     trace("train_client", round=round, client=client, seconds=time.perf_counter() - t0)
     result.num_examples = exp.clients[client].num_examples
+    result.metrics["peak_memory_bytes"] = float(max(
+        peak.read(), result.metrics.get("peak_memory_bytes", 0.0)))
+    release_memory(exp.device)
     return result, tokens[0]
 
 
@@ -210,6 +222,7 @@ class FederatedSession:
         self.rows = rows
         self._wall_before = wall_before
         self._t_start = t_start
+        self._peak = PeakMemory(exp.device)  # this process's, per round (metrics rows)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -291,6 +304,8 @@ class FederatedSession:
                 "bytes_down": 0, "bytes_up_total": 0, "bytes_down_total": 0,
                 "sim_seconds": 0.0, "sim_seconds_total": 0.0, "wall_seconds": session.wall(),
                 **base_eval,
+                # since the process started: loading the model included
+                "peak_memory_bytes": session._peak.read(),
             }
             run.append_metrics(row0)
             rows.append(row0)
@@ -310,6 +325,7 @@ class FederatedSession:
         sampled = sample_clients(cfg.seed, round, len(self.exp.clients),
                                  cfg.train.clients_per_round)
         tally = RoundTally(round=round, sampled=sampled, available=[])
+        self._peak.reset()
         for cid in sampled:
             avail = random.Random(derive_seed(cfg.seed, "avail", round, cid)).random()
             if avail >= self.exp.profiles[cid].availability:
@@ -433,6 +449,10 @@ class FederatedSession:
             row.update(evaluate_global(exp, self.state, final=rnd == self.cfg.rounds))
         t_eval = time.perf_counter() - t_eval
         row["wall_seconds"] = self.wall()
+        # this process since the round began (or since its last client began), and every
+        # client's own training peak, wherever it ran
+        row["peak_memory_bytes"] = int(max([self._peak.read()] + [
+            r.metrics.get("peak_memory_bytes", 0.0) for _, _, r in tally.accepted]))
         self.run.append_metrics(row)
         self.rows.append(row)
         save_checkpoint(self.run.checkpoint_dir, rnd, self.state, {
@@ -506,6 +526,9 @@ class FederatedSession:
             "dense_params": exp.model.spec.dense_values(),
             "clients": clients,
             "output": "merged" if algo.merges_into_base else "adapter",
+            "peak_memory_bytes": max((int(r["peak_memory_bytes"]) for r in rows
+                                      if r.get("peak_memory_bytes") is not None), default=None),
+            "device": str(exp.device),
         }
         if split is not None:
             summary.update({"bytes_activations": self.ledger.activation_bytes(),

@@ -22,13 +22,20 @@ RoPE's cos/sin, dropout masks, allocator slack, or transient gradient buffers. A
 matmul keeps its input only for its adapter, so a device layer with some weights unadapted
 keeps less than counted (an upper bound); under a bfloat16 base PEFT keeps a float32 copy of
 each adapted module's input, more than counted.
+
+Frozen weights are priced by a :class:`WeightFormat` when one is given: bfloat16/float16
+weights at 2 bytes, bitsandbytes 4-bit weights (nf4, fp4) at half a byte plus their
+quantization state, 8-bit ones at a byte plus a float32 scale per output row; the weights a
+quantized base leaves unquantized (embeddings, norms, biases) at ``other_bytes`` (4: PEFT's
+k-bit preparation casts them to float32). bitsandbytes' 4-bit matmul keeps only its packed
+weight for backward, so activations do not change with the format.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from lorafleet.errors import LorafleetError
 
@@ -37,6 +44,7 @@ __all__ = [
     "LLAMA_FAMILY",
     "MemoryBreakdown",
     "ModelDims",
+    "WeightFormat",
     "device_flops_per_step",
     "device_memory_bytes",
     "lora_bytes_per_rank",
@@ -296,10 +304,69 @@ def _config_value(config: Any, key: str, default: Any = None) -> Any:
 
 
 @dataclass(frozen=True)
+class WeightFormat:
+    """How the frozen device weights are stored (``model.dtype``, ``model.quantization``).
+
+    Build with :meth:`of`. ``matmul`` prices the adaptable weights (q, k, v, ... of every
+    layer: those bitsandbytes quantizes), ``other_bytes`` every other frozen value.
+    """
+
+    kind: str = field(metadata={"help": "float32, bfloat16, float16, nf4, fp4 or int8."})
+    other_bytes: int = field(metadata={"help": "Bytes per embedding, norm or bias value."})
+    double_quant: bool = field(default=True, metadata={"help": "4-bit: scales quantized."})
+
+    BLOCK: ClassVar[int] = 64  # bitsandbytes 4-bit block size (transformers' default)
+    BLOCK2: ClassVar[int] = 256  # block size of the nested quantization of the scales
+    CODE_BYTES: ClassVar[int] = 16 * 4  # the 4-bit code book (16 float32), per weight
+    DTYPE_BYTES: ClassVar[dict[str, int]] = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+    @classmethod
+    def of(cls, dtype: str, quantization: str = "none", double_quant: bool = True
+           ) -> WeightFormat:
+        """The format of a base loaded with ``model.dtype`` and ``model.quantization``."""
+        if dtype not in cls.DTYPE_BYTES:
+            raise LorafleetError(f"weight dtype {dtype!r} has no cost model (allowed: "
+                                 f"{', '.join(cls.DTYPE_BYTES)})")
+        if quantization == "none":
+            return cls(kind=dtype, other_bytes=cls.DTYPE_BYTES[dtype])
+        if quantization not in ("nf4", "fp4", "int8"):
+            raise LorafleetError(f"quantization {quantization!r} has no cost model (allowed: "
+                                 "none, nf4, fp4, int8)")
+        return cls(kind=quantization, other_bytes=4, double_quant=double_quant)
+
+    def matmul(self, m: int, n: int) -> int:
+        """Bytes of one adaptable weight (m, n) with its quantization state.
+
+        float: b·m·n. 4-bit: ⌈mn/2⌉ packed + per block of 64 a scale (float32, or with
+        double quantization a byte plus per 256 blocks a float32, a 256-value float32 code
+        and an offset) + the 16-value code book. int8: m·n + 4·m (a scale per row).
+        """
+        values = m * n
+        if self.kind in self.DTYPE_BYTES:
+            return self.DTYPE_BYTES[self.kind] * values
+        if self.kind == "int8":
+            return values + 4 * m
+        blocks = -(-values // self.BLOCK)
+        if self.double_quant:
+            scales = blocks + 4 * -(-blocks // self.BLOCK2) + 256 * 4 + 4
+        else:
+            scales = 4 * blocks
+        return -(-values // 2) + scales + self.CODE_BYTES
+
+    def frozen_bytes(self, dims: ModelDims, split_point: int) -> int:
+        """Frozen weights of embeddings + layers [0, s): ``other_bytes`` · (embeddings +
+        s · layer_extra_params) + s · Σ_W :meth:`matmul` (m_W, n_W)."""
+        layer = sum(self.matmul(m, n) for m, n in dims.weights.values())
+        return (self.other_bytes * (dims.embedding_params + split_point * dims.layer_extra_params)
+                + split_point * layer)
+
+
+@dataclass(frozen=True)
 class MemoryBreakdown:
     """Device memory of one training step, in bytes; ``total`` is the sum of the others."""
 
-    frozen_weights: int = field(metadata={"help": "Embeddings + layers [0, s), base dtype."})
+    frozen_weights: int = field(metadata={"help": "Embeddings + layers [0, s), in the base's "
+                                          "dtype or WeightFormat."})
     activations: int = field(metadata={"help": "Saved for backward in layers [0, s)."})
     lora_params: int = field(metadata={"help": "Σ r (m + n) over device adapters."})
     lora_grads: int = field(metadata={"help": "One gradient per LoRA parameter."})
@@ -372,6 +439,7 @@ def device_memory_bytes(
     lora_dtype_bytes: int = 4,
     eager_attention: bool = True,
     padded: bool = True,
+    weights: WeightFormat | None = None,
 ) -> MemoryBreakdown:
     """Bytes the device needs for one training step at split point s.
 
@@ -396,7 +464,9 @@ def device_memory_bytes(
     which expands as a view (``dims.always_masked``: as if always padded). u =
     ``first_layer_unsaved``: layer 0's input needs no gradient.
     N·R counts the rank-sized x Aᵀ each adapter saves for the gradient of B. Ranks of layers
-    >= s (server side) cost the device nothing and are ignored.
+    >= s (server side) cost the device nothing and are ignored. With ``weights`` (a
+    quantized or half-precision base) ``frozen_weights`` is
+    :meth:`WeightFormat.frozen_bytes` instead of b · (...); b stays the activations' dtype.
 
     Args:
         dims: the model's shapes. split_point: s in [0, L].
@@ -404,6 +474,7 @@ def device_memory_bytes(
         batch: B. seq: T. dtype_bytes: b. optimizer: "adamw", "adam" or "sgd".
         eager_attention: the model runs eager attention (else SDPA).
         padded: some sequences of the batch are padded (an attention mask is passed).
+        weights: how the frozen weights are stored (None: b bytes each).
     """
     _check_step(dims, split_point, ranks, batch, seq)
     k = optimizer_slots(optimizer)
@@ -419,8 +490,10 @@ def device_memory_bytes(
     copies_kv = eager_attention or (padded and dims.kv_heads > 1)
     repeated_kv = 2 * tokens * (dims.query_dim - dims.kv_dim) if copies_kv else 0
     unsaved = tokens * dims.first_layer_unsaved if s >= 1 else 0
+    frozen = (dtype_bytes * (dims.embedding_params + s * dims.layer_params) if weights is None
+              else weights.frozen_bytes(dims, s))
     return MemoryBreakdown(
-        frozen_weights=dtype_bytes * (dims.embedding_params + s * dims.layer_params),
+        frozen_weights=frozen,
         activations=dtype_bytes * (s * (tokens * dims.activations_per_token + scores
                                         + repeated_kv) - unsaved)
         + lora_dtype_bytes * tokens * total_rank,

@@ -39,6 +39,7 @@ from typing import Literal
 from lorafleet.errors import LorafleetError
 from lorafleet.split.cost import (
     ModelDims,
+    WeightFormat,
     device_flops_per_step,
     device_memory_bytes,
     lora_bytes_per_rank,
@@ -105,12 +106,14 @@ class _Costs:
     lora_dtype_bytes: int
     optimizer: str
     eager_attention: bool
+    weights: WeightFormat | None = None
 
     def memory(self, split: int, ranks: Mapping[Key, int]) -> int:
         return device_memory_bytes(self.dims, split, ranks, self.batch, self.seq,
                                    self.dtype_bytes, self.optimizer,
                                    lora_dtype_bytes=self.lora_dtype_bytes,
-                                   eager_attention=self.eager_attention).total
+                                   eager_attention=self.eager_attention,
+                                   weights=self.weights).total
 
     def flops(self, split: int, ranks: Mapping[Key, int]) -> float:
         return device_flops_per_step(self.dims, split, ranks, self.batch, self.seq)
@@ -206,6 +209,7 @@ def plan_client(
     optimizer: str = "adamw",
     eager_attention: bool = True,
     utility: Callable[[int], float] = rank_utility,
+    weights: WeightFormat | None = None,
 ) -> ClientPlan:
     """Split point and ranks of one client under its memory (and FLOP) budget.
 
@@ -221,6 +225,8 @@ def plan_client(
         split_policy: "objective" (best J, ties deeper) or "deepest" (see the module doc).
         dtype_bytes, lora_dtype_bytes, optimizer, eager_attention: passed to the cost model.
         utility: g(r), concave and increasing with g(0) = 0.
+        weights: how the frozen weights are stored (quantized, half precision; None: b
+            bytes each), passed to the cost model.
 
     Raises:
         LorafleetError: bad Q or split range, or a budget below the cheapest configuration.
@@ -240,7 +246,8 @@ def plan_client(
     if srv < 0:
         raise LorafleetError(f"server rank must be >= 0, got {srv}")
     imp = _check_importance(importance, dims)
-    costs = _Costs(dims, batch, seq, dtype_bytes, lora_dtype_bytes, optimizer, eager_attention)
+    costs = _Costs(dims, batch, seq, dtype_bytes, lora_dtype_bytes, optimizer, eager_attention,
+                   weights)
     max_flops = math.inf if budget_flops is None else budget_flops
 
     best: tuple[int, dict[Key, int], float] | None = None

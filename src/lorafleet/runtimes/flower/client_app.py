@@ -10,6 +10,11 @@ base model) once per process and keeps it, since Flower creates the ClientApp af
 every message. Training is :func:`lorafleet.runtimes.session.train_client`, the function the
 local runtime calls, so a client's update is the same wherever it trains.
 
+The node's device (:func:`node_device`): a deployed node's ``--node-config device=cuda:1``
+if given; on the Simulation Engine the GPU Ray assigned the client
+(``client_resources.num_gpus``; fractions share one GPU), else the CPU; otherwise the
+experiment's ``device``. Payloads and updates cross as CPU float32 arrays either way.
+
 torch, transformers and the experiment code are imported when a train message arrives, not
 with the module: a roll-call query is answered by a process that loads none of them.
 """
@@ -36,30 +41,60 @@ log = logging.getLogger("lorafleet")
 
 PARTITION_ID = "partition-id"
 DATA_PATH = "data-path"  # optional: train on this file instead of the partition
+DEVICE = "device"  # optional: the node's device (auto, cpu, cuda, cuda:N, mps)
 SPLIT_REFUSAL = ("{name} is split learning, which does not run on Flower (a ClientApp is "
                  "recreated per message and idle SuperNodes poll every 3 s, far too slow for "
                  "per-step activations): split learning belongs on Ray or the local runtime")
 
 
+def node_device(experiment_yaml: str, node_spec: str | None = None) -> str:
+    """The device this node trains on (module doc), as a torch device string.
+
+    Raises:
+        ConfigError: the device cannot be used here (no CUDA, no GPU reserved, ...).
+    """
+    import yaml
+
+    from lorafleet.hardware import resolve_device, worker_device
+
+    spec = str((yaml.safe_load(experiment_yaml) or {}).get("device", "auto"))
+    if node_spec:
+        return str(resolve_device(node_spec))
+    try:
+        import ray
+    except ImportError:
+        return str(resolve_device(spec))
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        return str(worker_device(spec, list(ray.get_gpu_ids())))  # a simulated client
+    return str(resolve_device(spec))
+
+
 @functools.lru_cache(maxsize=1)
-def client_experiment(experiment_yaml: str) -> Experiment:
-    """The experiment a resolved config describes, built once per process (the last one
-    is kept: Flower recreates the ClientApp for every message)."""
+def client_experiment(experiment_yaml: str, device: str | None = None) -> Experiment:
+    """The experiment a resolved config describes, built once per process on ``device``
+    (default: the config's; the last one is kept: Flower recreates the ClientApp for every
+    message)."""
     import yaml
 
     from lorafleet.config import validate_config
     from lorafleet.experiment import build_experiment
 
-    return build_experiment(validate_config(yaml.safe_load(experiment_yaml) or {}))
+    cfg = validate_config(yaml.safe_load(experiment_yaml) or {})
+    if device is None:
+        return build_experiment(cfg)
+    import torch
+
+    return build_experiment(cfg, device=torch.device(device))
 
 
 @functools.lru_cache(maxsize=1)
-def local_data_experiment(experiment_yaml: str, client: int, path: str) -> Experiment:
+def local_data_experiment(experiment_yaml: str, client: int, path: str,
+                          device: str | None = None) -> Experiment:
     """The experiment of ``experiment_yaml`` with client ``client`` training on the file at
     ``path`` (the node's ``data-path``), built once per process."""
     from lorafleet.experiment import with_local_data
 
-    return with_local_data(client_experiment(experiment_yaml), client, path)
+    return with_local_data(client_experiment(experiment_yaml, device), client, path)
 
 
 def partition_of(context: Context) -> int:
@@ -70,12 +105,13 @@ def partition_of(context: Context) -> int:
     return int(context.node_config[PARTITION_ID])
 
 
-def train_reply(content: RecordDict, partition_id: int, data_path: str | None = None
-                ) -> RecordDict:
+def train_reply(content: RecordDict, partition_id: int, data_path: str | None = None,
+                device: str | None = None) -> RecordDict:
     """Train the payload in ``content`` as client ``partition_id``; the reply's content.
 
     With ``data_path`` (the node's ``data-path``) the client trains on that file instead
-    of its partition of the experiment's dataset. A failure the local runtime would drop the
+    of its partition of the experiment's dataset; ``device`` is the node's ``device`` (see
+    :func:`node_device`). A failure the local runtime would drop the
     client for becomes a failure reply; a message meant for another client, a
     split-learning experiment or an unreadable data file is refused the same way.
     """
@@ -94,7 +130,13 @@ def train_reply(content: RecordDict, partition_id: int, data_path: str | None = 
         return failure_record(f"client failed: a payload for client {order.client} reached "
                               f"the node of client {partition_id}")
     t_decode = time.perf_counter()
-    exp = client_experiment(order.experiment)
+    from lorafleet.errors import ConfigError
+
+    try:
+        where = node_device(order.experiment, device)
+    except ConfigError as err:
+        return failure_record(f"client failed: {err}")
+    exp = client_experiment(order.experiment, where)
     t_build = time.perf_counter()
     if exp.algorithm.split_learning:
         return failure_record("client failed: " + SPLIT_REFUSAL.format(name=exp.cfg.algorithm))
@@ -103,7 +145,7 @@ def train_reply(content: RecordDict, partition_id: int, data_path: str | None = 
                               f"this fleet (0..{len(exp.clients) - 1})")
     try:
         if data_path:
-            exp = local_data_experiment(order.experiment, partition_id, data_path)
+            exp = local_data_experiment(order.experiment, partition_id, data_path, where)
     except CLIENT_ERRORS as err:
         log.warning("client %d: %s", partition_id, err)
         return failure_record(f"client failed: {err}".splitlines()[0])
@@ -139,8 +181,10 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train the message's payload as this node's client."""
     data_path = context.node_config.get(DATA_PATH)
+    device = context.node_config.get(DEVICE)
     return Message(train_reply(msg.content, partition_of(context),
-                               str(data_path) if data_path else None), reply_to=msg)
+                               str(data_path) if data_path else None,
+                               str(device) if device else None), reply_to=msg)
 
 
 @app.query()

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from lorafleet.config import ExperimentConfig
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.session import FederatedSession, RunResult
 
@@ -56,6 +56,15 @@ class _InterruptGuard:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _require_gpus(cfg: ExperimentConfig) -> None:
+    """A simulated client computes on the GPU Ray assigned it: ``device: cuda`` with no GPU
+    per client would fail in every client; refuse it before Ray starts."""
+    if cfg.device.startswith("cuda") and cfg.client_resources.num_gpus <= 0:
+        raise ConfigError("client_resources.num_gpus", f"device {cfg.device} on flower-sim "
+                          "needs a GPU share per client (e.g. 0.25: four clients per GPU); or "
+                          "device: auto")
 
 
 def backend_config(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
@@ -100,6 +109,7 @@ def run_flower_sim(
     console = console or Console(stderr=True)
     if cfg is not None:
         require_federated(cfg)
+        _require_gpus(cfg)
     elif RunDir(out).config_path.is_file():
         require_federated(RunDir(out).stored_config())
     session = FederatedSession.open(cfg, out, resume=resume, console=console,
