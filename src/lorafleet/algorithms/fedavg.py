@@ -41,7 +41,9 @@ class FedAvg(FederatedAlgorithm):
     def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
         """The whole global adapter at rank r with scaling s."""
         s = self.spec.scaling(self.spec.rank)
-        return self.uniform_payload({k: v.clone() for k, v in state.tensors.items()},
+        # In the spec's order, not the state's: the client's parameter order (and with it the
+        # sum in its gradient-norm clip) must not depend on where the state came from.
+        return self.uniform_payload({k: state.tensors[k].clone() for k in self.spec.initial},
                                     self.spec.rank, s)
 
     def aggregate(
