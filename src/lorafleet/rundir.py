@@ -12,9 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lorafleet.config import ExperimentConfig, validate_config
+from lorafleet.config import ExperimentConfig, read_config_file, validate_config
 from lorafleet.errors import LorafleetError
 
 __all__ = ["RunDir"]
@@ -69,7 +67,7 @@ class RunDir:
         """The resolved config a previous run stored here."""
         if not self.config_path.is_file():
             raise LorafleetError(f"{self.path} holds no config.yaml to resume from")
-        return validate_config(yaml.safe_load(self.config_path.read_text()) or {})
+        return validate_config(read_config_file(self.config_path))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one round's metrics and flush them to disk."""
