@@ -35,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "PartitionConfig",
     "RaySettings",
+    "RobustSettings",
     "SketchConfig",
     "SplitSettings",
     "TaskConfig",
@@ -305,6 +306,42 @@ class HSplitLoRASettings(_Section):
     )
 
 
+class RobustSettings(_Section):
+    """How the server bounds client updates and combines them (README: "Bad and hostile
+    clients"). The bounds reject outliers only, so honest runs are unchanged by them; the
+    robust aggregations change the math and are off by default."""
+
+    max_value: float | None = Field(
+        1e4, gt=0,
+        description="Reject an update holding a value of magnitude above this (null: no "
+        "cap). LoRA factors, their deltas and heads stay orders of magnitude below.",
+    )
+    norm_multiple: float | None = Field(
+        10.0, gt=1,
+        description="Reject an update whose RMS value is more than this many times the "
+        "reference: the lower median of the RMS of this round's updates and of the updates "
+        "accepted in the last `norm_window` rounds (null: no bound). RMS, not the norm, so "
+        "that updates of different ranks compare.",
+    )
+    norm_window: int = Field(
+        5, ge=0,
+        description="Rounds of accepted updates the norm reference remembers (0: this "
+        "round's only), so a small round cannot be outvoted by its own attacker.",
+    )
+    aggregation: Literal["mean", "median", "trimmed-mean", "clip"] = Field(
+        "mean",
+        description="How the accepted updates are combined: mean (the method's own rule); "
+        "median or trimmed-mean (coordinate-wise, over clients; fedavg and splitlora); clip "
+        "(each client's change scaled down to at most the round's median change norm, then "
+        "the method's mean; fedavg, splitlora, fslora).",
+    )
+    trim_fraction: float = Field(
+        0.2, gt=0, lt=0.5,
+        description="trimmed-mean: fraction of the clients dropped at each end, per "
+        "coordinate (at least one each side once there are 3 clients).",
+    )
+
+
 class ClientResources(_Section):
     num_cpus: float = Field(
         1.0, gt=0, description="CPUs per client; clients training at once = CPUs / this."
@@ -401,6 +438,7 @@ class ExperimentConfig(_Section):
     split: SplitSettings = Field(default_factory=SplitSettings)
     hsplitlora: HSplitLoRASettings = Field(default_factory=HSplitLoRASettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+    robust: RobustSettings = Field(default_factory=RobustSettings)
 
     @model_validator(mode="after")
     def _cross_check(self) -> ExperimentConfig:

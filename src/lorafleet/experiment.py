@@ -65,6 +65,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     cls = algorithm_class(cfg.algorithm)
     if cls.split_learning:
         check_rank_set(cfg.split.rank_set)
+    resolve_algorithm(cfg).check_robust(cfg.robust.aggregation, cfg.train.aggregation_weights)
 
 
 def resolve_algorithm(cfg: ExperimentConfig) -> type[FederatedAlgorithm]:
@@ -190,6 +191,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         hetlora_weights=cfg.hetlora.weights,
         self_pruning=cfg.hetlora.self_pruning,
         prune_gamma=cfg.hetlora.prune_gamma,
+        robust_aggregation=cfg.robust.aggregation,
+        trim_fraction=cfg.robust.trim_fraction,
         split_context=ctx,
         **cfg.hsplitlora.model_dump(),
     )

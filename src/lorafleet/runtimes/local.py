@@ -12,7 +12,7 @@ Flower runtime calls too.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from lorafleet.runtimes.session import (
     make_trainer,
     train_client,
 )
+from lorafleet.runtimes.validation import sent_bytes
 
 __all__ = ["RunResult", "evaluate_global", "export_run", "run_local"]
 
@@ -107,7 +108,9 @@ def _rounds(session: FederatedSession, console: Console, progress: bool,
                     # adapters stay with the (main and fed) server.
                     down = tensor_bytes(trainer.device_side(payload.tensors)) + tensor_bytes(
                         payload.extra)
-                    up = tensor_bytes(trainer.device_side(result.tensors))
+                    # sent_bytes: a malformed update must reach validation, not crash here
+                    up = sent_bytes(trainer.device_side(result.tensors)) if isinstance(
+                        result.tensors, Mapping) else 0
                     session.ledger.record_activations(rnd, cid, trainer.stats.nbytes)
                     seconds = functools.partial(
                         _split_client_time, exp, session.clock, exp.profiles[cid], payload,
