@@ -610,7 +610,19 @@ def make_plots(runs: Sequence[Run], out_dir: Path | str) -> list[Path]:
 def report(paths: Iterable[Path | str], out_dir: Path | str,
            target: tuple[str, float] | None = None) -> list[Path]:
     """Find runs under ``paths`` and write the results tables and plots into ``out_dir``
-    (with ``target``, also the simulated time to reach it)."""
+    (with ``target``, also the simulated time to reach it).
+
+    ``out_dir`` must be new, empty, or a run or results directory lorafleet wrote
+    (:mod:`lorafleet.outdir`); a file of the report's names that lorafleet did not write
+    there is never replaced.
+    """
+    from lorafleet.outdir import REPORT_FILES, RESULTS, RUN, check_output_dir, claim_output_dir
+
+    check_output_dir(out_dir, (RESULTS, RUN), outputs=REPORT_FILES)  # before reading runs
     runs = find_runs(paths)
-    written = write_results(results_table(runs, target), out_dir)
-    return written + make_plots(runs, out_dir)
+    table = results_table(runs, target)
+    target_dir = claim_output_dir(out_dir, (RESULTS, RUN), outputs=REPORT_FILES)
+    written = write_results(table, out_dir)
+    written += make_plots(runs, out_dir)
+    target_dir.record(*(p.name for p in written))
+    return written

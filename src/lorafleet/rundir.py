@@ -2,7 +2,8 @@
 
 ``config.yaml`` (resolved config), ``metrics.jsonl`` (one object per round, round 0 is the
 initial model's evaluation), ``summary.json``, ``partition.json``, ``adapter/`` or
-``merged/``, ``checkpoint/``.
+``merged/``, ``checkpoint/``, and lorafleet's marker ``.lorafleet.json`` (written first,
+:mod:`lorafleet.outdir`): a run writes only into a directory that is new, empty or a run's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from typing import Any
 
 from lorafleet.config import ExperimentConfig, read_config_file, validate_config
 from lorafleet.errors import LorafleetError
+from lorafleet.outdir import (
+    RUN,
+    RUN_ENTRIES,
+    RUN_FILES,
+    OutputDir,
+    check_output_dir,
+    claim_output_dir,
+)
 
 __all__ = ["RunDir"]
 
@@ -48,6 +57,20 @@ class RunDir:
     def merged_dir(self) -> Path:
         return self.path / "merged"
 
+    def check(self) -> None:
+        """Refuse, before anything slow, a directory a run must not write into."""
+        check_output_dir(self.path, RUN, outputs=RUN_ENTRIES)
+
+    def claim(self) -> None:
+        """Mark the directory as a run's (creating it), after :meth:`check`'s test."""
+        claim_output_dir(self.path, RUN, outputs=RUN_ENTRIES, files=RUN_FILES)
+
+    def record_outputs(self, *subdirs: str) -> None:
+        """Add the files now under ``subdirs`` (the exported model) to the manifest."""
+        out = OutputDir(self.path)
+        if out.marker() is not None:
+            out.record_tree(*subdirs)
+
     def holds_run(self) -> bool:
         """True if a run has already written here."""
         return self.metrics_path.exists() or self.summary_path.exists()
@@ -59,7 +82,7 @@ class RunDir:
                 f"{self.path} already holds a run; pass --resume to continue it, "
                 "or choose another --out"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.claim()
         self.config_path.write_text(cfg.to_yaml())
         self.metrics_path.write_text("")
 

@@ -245,6 +245,7 @@ class FederatedSession:
         """
         console = console or Console(stderr=True)
         run = RunDir(out)
+        run.check()  # a file, or a directory that is not a run's: refused before anything
         ckpt = None
         if resume and run.holds_run():
             stored = run.stored_config()
@@ -273,6 +274,7 @@ class FederatedSession:
                 run.summary_path.unlink(missing_ok=True)
             run.prepare_new(cfg)
         else:
+            run.claim()  # a run of an earlier lorafleet gets its marker
             run.config_path.write_text(cfg.to_yaml())
         if progress:
             console.print(render_partition_table(exp.partition, exp.label_names))
@@ -534,6 +536,7 @@ class FederatedSession:
             exp.model.save_adapter(run.adapter_dir)
             if algo.split_learning:  # the split family always leaves a loadable full model
                 exp.model.save_merged(run.merged_dir)
+        run.record_outputs("adapter", "merged")
         metric = task.metric
         evaluated = [r for r in rows if metric in r and r["round"] > 0]
         if not evaluated:

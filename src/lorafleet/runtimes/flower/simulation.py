@@ -98,6 +98,7 @@ def run_flower_sim(
     from lorafleet.runtimes.flower.strategy import RunCancelled
 
     console = console or Console(stderr=True)
+    RunDir(out).check()  # before reading anything in it
     if cfg is not None:
         require_federated(cfg)
     elif RunDir(out).config_path.is_file():
