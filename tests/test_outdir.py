@@ -240,6 +240,12 @@ def test_report_writes_only_where_it_may(tmp_path, tiny_bert_dir, tiny_text_csv)
     (tmp_path / "runs" / "notes.txt").write_text("mine\n")
     report([tmp_path / "runs"], tmp_path / "runs")  # ours now: the note stays
     assert (tmp_path / "runs" / "notes.txt").read_text() == "mine\n"
+    # A folder of results directories (compares side by side) is one as well.
+    shutil.copytree(tmp_path / "runs", tmp_path / "top" / "cmp")
+    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "top" / "b")
+    (tmp_path / "top" / "b" / MARKER).unlink()  # an earlier version's run
+    report([tmp_path / "top"], tmp_path / "top")
+    assert OutputDir(tmp_path / "top").kind() == RESULTS
     home = _home_copy(tmp_path / "home")
     before = _snapshot(home)
     with pytest.raises(LorafleetError, match="lorafleet did not write it"):

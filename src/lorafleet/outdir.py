@@ -67,7 +67,8 @@ _KIND_WORDS = {
 
 # What a run writes (DESIGN.md s7), recorded when the run starts.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "partition.json",
-             "checkpoint/meta.json", "checkpoint/state-*.safetensors")
+             "checkpoint/meta.json", "checkpoint/state-*.safetensors",
+             "checkpoint/state-*.safetensors.tmp")
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "summary.json", "partition.json", "checkpoint",
                "adapter", "merged", "deploy")
 # What `lorafleet report` (and so `compare`) writes.
@@ -247,6 +248,14 @@ def _is_run(path: Path) -> bool:
     return kind == RUN or (kind is None and _is_legacy_run(path))
 
 
+def _holds_runs(path: Path) -> bool:
+    """A run, or a results directory (marked, or runs and report outputs only)."""
+    kind = OutputDir(path).kind() if (path / MARKER).is_file() else None
+    if kind is not None:
+        return kind in (RUN, RESULTS)
+    return _is_legacy_run(path) or _is_legacy_results(path, _entries(path))
+
+
 def _legacy_run_files(path: Path) -> list[str]:
     files = [f for f in RUN_FILES if "*" in f or (path / f).is_file()]
     for sub in ("adapter", "merged"):
@@ -260,9 +269,9 @@ def _legacy_run_files(path: Path) -> list[str]:
 
 
 def _is_legacy_results(path: Path, entries: list[str]) -> bool:
-    """A directory of runs and report outputs only (an earlier compare's or a user's folder
-    of runs), at least one run."""
-    runs = [e for e in entries if e.endswith("/") and _is_run(path / e.rstrip("/"))]
+    """A directory of runs (or of such directories) and report outputs only (an earlier
+    compare's, or a user's folder of runs), at least one of them."""
+    runs = [e for e in entries if e.endswith("/") and _holds_runs(path / e.rstrip("/"))]
     rest = [e for e in entries if e not in runs]
     return bool(runs) and all(e in REPORT_FILES for e in rest)
 
