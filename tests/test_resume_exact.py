@@ -109,3 +109,10 @@ def test_fedavg_plans_in_the_specs_order_whatever_the_states_order():
     shuffled = ServerState(tensors=dict(sorted(state.tensors.items(), reverse=True)))
     client = ClientInfo(id=0, rank=spec.rank, num_examples=1)
     assert list(algo.plan(shuffled, client, 1).tensors) == list(spec.initial)
+
+
+def test_a_checkpoint_holding_nan_is_refused(tmp_path):
+    save_checkpoint(tmp_path, 1, ServerState(tensors={"a": torch.tensor([1.0, float("nan")])}),
+                    {})
+    with pytest.raises(LorafleetError, match=r"holds NaN or Inf \(state-1.safetensors: a\)"):
+        load_checkpoint(tmp_path)
