@@ -388,3 +388,13 @@ def test_bounds_off_state_guard_keeps_a_fedavg_model_finite():
     new = algo.aggregate(state, _results(huge, spec.rank), 1)
     assert all(bool(torch.isfinite(v).all()) for v in new.tensors.values())
     assert isinstance(new, ServerState)
+
+
+def test_all_finite_is_exact_where_its_fast_sum_overflows():
+    from lorafleet.runtimes.validation import all_finite
+
+    assert all_finite(torch.ones(3)) and all_finite(torch.empty(0))
+    assert all_finite(torch.full((10,), 3e38))  # the sum overflows, every value is finite
+    assert not all_finite(torch.tensor([1.0, math.nan]))
+    assert not all_finite(torch.tensor([math.inf, -math.inf]))  # the sum is NaN
+    assert all_finite(torch.ones(2, dtype=torch.long))

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorafleet.algorithms.base import ServerState
 from lorafleet.errors import LorafleetError
+from lorafleet.runtimes.validation import all_finite
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -92,8 +92,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
                                  f"other tensors than {META} lists; remove the checkpoint "
                                  "directory to start over")
         tensors = {k: tensors[k] for k in order}
-    bad = next((k for k, v in tensors.items()
-                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = next((k for k, v in tensors.items() if not all_finite(v)), None)
     if bad is not None:  # the server never commits such a state: the file was changed
         raise LorafleetError(f"checkpoint in {directory} holds NaN or Inf ({state_file}: {bad}), "
                              "which lorafleet never saves; remove the checkpoint directory to "

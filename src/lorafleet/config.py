@@ -332,8 +332,8 @@ class RobustSettings(_Section):
         "mean",
         description="How the accepted updates are combined: mean (the method's own rule); "
         "median or trimmed-mean (coordinate-wise, over clients; fedavg and splitlora); clip "
-        "(each client's change scaled down to at most the round's median change norm, then "
-        "the method's mean; fedavg, splitlora, fslora).",
+        "(each client's change scaled down to at most the round's lower-median change norm, "
+        "then the method's mean; fedavg, splitlora, fslora).",
     )
     trim_fraction: float = Field(
         0.2, gt=0, lt=0.5,

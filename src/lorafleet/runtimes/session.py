@@ -48,7 +48,13 @@ from lorafleet.models.adapters import PeftClientTrainer
 from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.trace import trace
-from lorafleet.runtimes.validation import norm_outliers, sent_bytes, update_rms, validate_update
+from lorafleet.runtimes.validation import (
+    all_finite,
+    norm_outliers,
+    sent_bytes,
+    update_rms,
+    validate_update,
+)
 
 __all__ = [
     "BYTES_PER_VALUE",
@@ -446,8 +452,7 @@ class FederatedSession:
         except torch.linalg.LinAlgError as err:  # an SVD of values no update should hold
             reason = f"the aggregate could not be computed ({str(err).splitlines()[0]})"
         else:
-            bad = next((k for k, v in new.tensors.items()
-                        if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+            bad = next((k for k, v in new.tensors.items() if not all_finite(v)), None)
             if bad is None:
                 self.state = new
                 return None

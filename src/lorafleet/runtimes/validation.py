@@ -17,7 +17,7 @@ import torch
 
 from lorafleet.errors import UpdateRejected
 
-__all__ = ["norm_outliers", "sent_bytes", "update_rms", "validate_update"]
+__all__ = ["all_finite", "norm_outliers", "sent_bytes", "update_rms", "validate_update"]
 
 
 def _describe(value: object) -> str:
@@ -83,6 +83,18 @@ def validate_update(
         total += value.numel() * value.element_size()
     if max_bytes is not None and total > max_bytes:
         raise UpdateRejected(client, f"update is {total} bytes, more than the {max_bytes} allowed")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of ``tensor`` is finite (non-float tensors always are).
+
+    A sum is finite only if every term is (NaN and Inf propagate), and it is several times
+    faster than ``isfinite().all()`` on CPU; only a sum that overflows or is not finite is
+    checked value by value.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return math.isfinite(float(tensor.detach().sum())) or bool(torch.isfinite(tensor).all())
 
 
 def sent_bytes(tensors: object) -> int:
