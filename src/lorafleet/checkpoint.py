@@ -5,6 +5,11 @@ A checkpoint is ``checkpoint/state-<round>.safetensors`` (the server state's ten
 fingerprint of the config). ``meta.json`` is replaced atomically after the tensors are on
 disk, so a kill at any point leaves either the previous or the new checkpoint, never a mix.
 Nothing is pickled.
+
+A checkpoint restores the state exactly, the order of its tensors included: safetensors
+stores them sorted, and an algorithm that iterates its state (FedAvg's payload, hence the
+client's parameter order and its gradient-norm sum) would otherwise compute in a different
+order after a resume than without one.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorafleet.algorithms.base import ServerState
 from lorafleet.errors import LorafleetError
+from lorafleet.runtimes.validation import all_finite
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -50,7 +57,8 @@ def save_checkpoint(directory: Path, round: int, state: ServerState, extra: dict
     tensors = {k: v.detach().contiguous() for k, v in state.tensors.items()}
     save_file(tensors, str(directory / (state_file + ".tmp")))
     os.replace(directory / (state_file + ".tmp"), directory / state_file)
-    meta = {"round": round, "state_file": state_file, "state_meta": state.meta, "extra": extra}
+    meta = {"round": round, "state_file": state_file, "order": list(tensors),
+            "state_meta": state.meta, "extra": extra}
     _atomic_write(directory / META, json.dumps(meta, indent=1, sort_keys=True))
     for old in directory.glob("state-*.safetensors"):
         if old.name != state_file:
@@ -64,10 +72,31 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(directory / meta["state_file"]))
-    except (OSError, ValueError, KeyError) as err:
-        raise LorafleetError(f"checkpoint in {directory} is unreadable ({err}); "
+        state_file = str(meta["state_file"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LorafleetError(f"checkpoint in {directory} is unreadable ({META}: {err}); "
                              "remove it to start over") from None
+    try:
+        tensors = load_file(str(directory / state_file))
+    except (OSError, SafetensorError) as err:
+        # A kill cannot leave this (the state file is complete before meta.json names it):
+        # the file was cut short or changed afterwards.
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LorafleetError(f"checkpoint in {directory} is unreadable: {state_file} is "
+                             f"truncated or corrupt ({reason}); remove the checkpoint "
+                             "directory to start over") from None
+    order = meta.get("order")
+    if order is not None:
+        if sorted(order) != sorted(tensors):
+            raise LorafleetError(f"checkpoint in {directory} is unreadable: {state_file} holds "
+                                 f"other tensors than {META} lists; remove the checkpoint "
+                                 "directory to start over")
+        tensors = {k: tensors[k] for k in order}
+    bad = next((k for k, v in tensors.items() if not all_finite(v)), None)
+    if bad is not None:  # the server never commits such a state: the file was changed
+        raise LorafleetError(f"checkpoint in {directory} holds NaN or Inf ({state_file}: {bad}), "
+                             "which lorafleet never saves; remove the checkpoint directory to "
+                             "start over")
     return Checkpoint(
         round=int(meta["round"]),
         state=ServerState(tensors=tensors, meta=dict(meta["state_meta"])),

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from lorafleet.config import ExperimentConfig
 from lorafleet.errors import LorafleetError
+from lorafleet.outdir import APP_ENTRIES, DEPLOY, FLOWER_APP, RUN, RUN_ENTRIES, check_output_dir
 
 app = typer.Typer(
     name="lorafleet",
@@ -87,6 +88,8 @@ def run(
     from lorafleet.runtimes import run_experiment
 
     try:
+        if out is not None:  # a file or a foreign directory: one line before anything loads
+            check_output_dir(out, RUN, outputs=RUN_ENTRIES)
         overrides = list(set_ or []) + ([f"runtime={runtime}"] if runtime else [])
         if resume and config is None and not set_:
             cfg = None
@@ -162,6 +165,8 @@ def deploy_local(
               "pip install 'lorafleet[flower]'")
         return
     try:
+        if out is not None:
+            check_output_dir(out, RUN, outputs=RUN_ENTRIES)
         cfg = None if resume and config is None and not set_ else load_config(
             config, set_ or [])
         if resume and out is None:
@@ -231,6 +236,9 @@ def flower_app(
               "pip install 'lorafleet[flower]'")
         return
     try:
+        check_output_dir(app_dir, (FLOWER_APP, DEPLOY), option="--app", outputs=APP_ENTRIES)
+        if out is not None:
+            check_output_dir(out, RUN, outputs=RUN_ENTRIES)
         if resume and out is None:
             _fail("--resume needs --out DIR (the run to continue)")
             return

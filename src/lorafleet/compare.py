@@ -9,7 +9,6 @@ algorithm of a seed sees the same clients and data.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +18,15 @@ from rich.console import Console
 from lorafleet.algorithms import ALGORITHMS, algorithm_class
 from lorafleet.config import ExperimentConfig, load_config
 from lorafleet.errors import ConfigError, LorafleetError
+from lorafleet.outdir import (
+    REPORT_FILES,
+    RESULTS,
+    RUN,
+    RUN_ENTRIES,
+    OutputDir,
+    check_output_dir,
+    claim_output_dir,
+)
 from lorafleet.report import find_runs, report
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes import check_runtime, run_experiment
@@ -102,12 +110,15 @@ def compare(
 ) -> list[Path]:
     """Run every (algorithm, seed) and report; returns the files written by the report.
 
-    An existing compare directory is refused unless ``overwrite`` (which removes only the
-    run directories and result files this command would write) or ``resume`` (finished
-    runs are kept, unfinished ones continue from their checkpoints). With ``tuned`` (a
-    ``lorafleet tune`` output directory) each algorithm runs with the values tuned for it;
-    with ``reference`` the report adds every algorithm's paired difference from it.
+    ``out`` must be new, empty or lorafleet's (:mod:`lorafleet.outdir`), and so must every
+    run directory in it. An existing compare directory is refused unless ``overwrite``
+    (which removes, of the run directories and result files this command would write,
+    only the files lorafleet wrote there) or ``resume`` (finished runs are kept, unfinished
+    ones continue from their checkpoints). With ``tuned`` (a ``lorafleet tune`` output
+    directory) each algorithm runs with the values tuned for it; with ``reference`` the
+    report adds every algorithm's paired difference from it.
     """
+    check_output_dir(out, RESULTS, outputs=REPORT_FILES)  # before anything is loaded
     if seeds < 1:
         raise ConfigError("--seeds", "must be at least 1")
     if overwrite and resume:
@@ -120,6 +131,8 @@ def compare(
     first_seed = base.seed
     plan = [(a, first_seed + i) for a in algorithms for i in range(seeds)]
     dirs = {(a, s): out / f"{a}-seed{s}" for a, s in plan}
+    for d in dirs.values():
+        check_output_dir(d, RUN, outputs=RUN_ENTRIES)
     existing = [d for d in dirs.values() if RunDir(d).holds_run()]
     existing += [out / f for f in RESULT_FILES if (out / f).exists()]
     if existing and not (overwrite or resume):
@@ -127,14 +140,17 @@ def compare(
             f"{out} already holds results ({existing[0].name}, ...); pass --overwrite to "
             "replace them or --resume to finish the missing runs"
         )
+    tuned_overrides = read_tuned(tuned, algorithms) if tuned is not None else {}
+    results_dir = claim_output_dir(out, RESULTS, outputs=REPORT_FILES)
     if overwrite:
         for path in existing:
             if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    tuned_overrides = read_tuned(tuned, algorithms) if tuned is not None else {}
-    out.mkdir(parents=True, exist_ok=True)
+                claim_output_dir(path, RUN, outputs=RUN_ENTRIES)  # an earlier version's run
+                left = OutputDir(path).remove_written()
+                if left:
+                    console.print(f"[dim]{path}: kept {len(left)} file(s) lorafleet did not "
+                                  "write[/]")
+        results_dir.remove_written(only=REPORT_FILES)
     # validate every config before the first (slow) run starts
     cfgs = {
         (a, s): load_config(config, [*(overrides or []), *tuned_overrides.get(a, []),

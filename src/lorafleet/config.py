@@ -7,8 +7,9 @@ Every experiment is one YAML file validated here; the CLI only overrides fields
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -34,17 +36,31 @@ __all__ = [
     "ModelConfig",
     "PartitionConfig",
     "RaySettings",
+    "RobustSettings",
     "SketchConfig",
     "SplitSettings",
     "TaskConfig",
     "TrainConfig",
     "apply_overrides",
     "load_config",
+    "read_config_file",
 ]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: a float field takes finite numbers only (`lr: .inf` is refused).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `--set rounds=true` would run one round.
+        name = info.field_name
+        flags = [v for v in (value if isinstance(value, list) else [value])
+                 if isinstance(v, bool)]
+        if flags and name is not None and _is_number(cls.model_fields[name].annotation):
+            raise ValueError(f"must be a number, not {str(flags[0]).lower()}")
+        return value
 
 
 class ModelConfig(_Section):
@@ -340,6 +356,42 @@ class HSplitLoRASettings(_Section):
     )
 
 
+class RobustSettings(_Section):
+    """How the server bounds client updates and combines them (README: "Bad and hostile
+    clients"). The bounds reject outliers only, so honest runs are unchanged by them; the
+    robust aggregations change the math and are off by default."""
+
+    max_value: float | None = Field(
+        1e4, gt=0,
+        description="Reject an update holding a value of magnitude above this (null: no "
+        "cap). LoRA factors, their deltas and heads stay orders of magnitude below.",
+    )
+    norm_multiple: float | None = Field(
+        10.0, gt=1,
+        description="Reject an update whose RMS value is more than this many times the "
+        "reference: the lower median of the RMS of this round's updates and of the updates "
+        "accepted in the last `norm_window` rounds (null: no bound). RMS, not the norm, so "
+        "that updates of different ranks compare.",
+    )
+    norm_window: int = Field(
+        5, ge=0,
+        description="Rounds of accepted updates the norm reference remembers (0: this "
+        "round's only), so a small round cannot be outvoted by its own attacker.",
+    )
+    aggregation: Literal["mean", "median", "trimmed-mean", "clip"] = Field(
+        "mean",
+        description="How the accepted updates are combined: mean (the method's own rule); "
+        "median or trimmed-mean (coordinate-wise, over clients; fedavg and splitlora); clip "
+        "(each client's change scaled down to at most the round's lower-median change norm, "
+        "then the method's mean; fedavg, splitlora, fslora).",
+    )
+    trim_fraction: float = Field(
+        0.2, gt=0, lt=0.5,
+        description="trimmed-mean: fraction of the clients dropped at each end, per "
+        "coordinate (at least one each side once there are 3 clients).",
+    )
+
+
 class ClientResources(_Section):
     num_cpus: float = Field(
         1.0, gt=0, description="CPUs per client; clients training at once = CPUs / this."
@@ -445,6 +497,7 @@ class ExperimentConfig(_Section):
     split: SplitSettings = Field(default_factory=SplitSettings)
     hsplitlora: HSplitLoRASettings = Field(default_factory=HSplitLoRASettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+    robust: RobustSettings = Field(default_factory=RobustSettings)
 
     @field_validator("device")
     @classmethod
@@ -481,6 +534,27 @@ class ExperimentConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _is_number(annotation: Any) -> bool:
+    """Whether a field holds numbers (int, float, optionally None or a list of them) and not
+    booleans."""
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    return bool not in args and any(_is_number(a) for a in args)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds, looking through ``X | None`` and ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType, list):
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
 def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> ConfigError:
     """Turn pydantic's first error into one line naming the field and what is allowed."""
     first = err.errors()[0]
@@ -498,19 +572,50 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> Co
 
 
 def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
-    cur: Any = model
+    """The keys allowed at ``path`` (e.g. ``["fleet", "profiles", "0"]``: a device profile's)."""
+    cur: type[BaseModel] | None = model
     for name in path:
-        info = cur.model_fields.get(name) if hasattr(cur, "model_fields") else None
-        if info is None:
+        if cur is None:
             return []
-        ann = info.annotation
-        cur = ann
-    return list(cur.model_fields) if hasattr(cur, "model_fields") else []
+        if name.isdigit():  # a list index: the items are the section the list holds
+            continue
+        info = cur.model_fields.get(name)
+        cur = None if info is None else _model_in(info.annotation)
+    return list(cur.model_fields) if cur is not None else []
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain
+    YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if isinstance(key, list | dict):
+                continue  # unhashable: the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: where (line, column) and what (PyYAML prints five)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        return f"{where}{err.problem or err.context or 'invalid YAML'}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.constructor.ConstructorError:
+        raise
     except yaml.YAMLError:
         return text
 
@@ -523,13 +628,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(item, "an override must look like key=value, e.g. train.lr=3e-4")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(item, "an override must look like key=value, e.g. train.lr=3e-4")
+        try:
+            parsed = _parse_value(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(key.strip(), f"--set value: {_yaml_problem(err)}") from None
         node = out
         for p in parts[:-1]:
             child = node.get(p)
             child = dict(child) if isinstance(child, dict) else {}
             node[p] = child
             node = child
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = parsed
     return out
 
 
@@ -545,14 +656,36 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("CONFIG", f"no such file: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError("CONFIG", f"{p} is not valid YAML ({err})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("CONFIG", f"{p} must hold a mapping of config sections")
-        raw = loaded or {}
+        raw = read_config_file(Path(path))
     return validate_config(apply_overrides(raw, overrides or []))
+
+
+def read_config_file(p: Path) -> dict[str, Any]:
+    """The raw mapping of a YAML config file.
+
+    Raises:
+        ConfigError: no such file, not UTF-8 text, not YAML (with line and column), a key
+            given twice, empty, or not a mapping.
+    """
+    if p.is_dir():
+        raise ConfigError("CONFIG", f"{p} is a directory, not a YAML file")
+    if not p.is_file():
+        raise ConfigError("CONFIG", f"no such file: {p}")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError("CONFIG", f"{p} is not UTF-8 text (byte 0x{data[err.start]:02x} at "
+                          f"offset {err.start}); save it as UTF-8") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError("CONFIG", f"{p} is not valid YAML: {_yaml_problem(err)}") from None
+    if loaded is None:
+        # An empty file is a mistake more often than a wish for the demo: say so.
+        raise ConfigError("CONFIG", f"{p} is empty; give a config (see configs/), or omit "
+                          "CONFIG to run the default demo")
+    if not isinstance(loaded, dict):
+        raise ConfigError("CONFIG", f"{p} must hold a mapping of config sections, not a "
+                          f"{type(loaded).__name__}")
+    return loaded

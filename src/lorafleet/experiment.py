@@ -72,6 +72,7 @@ def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> N
                               "learning, whose cut the recomputation would not see; it must "
                               "be false (split.split_point already bounds device memory)")
     check_device(cfg, device or resolve_device(cfg.device), split_learning=cls.split_learning)
+    resolve_algorithm(cfg).check_robust(cfg.robust.aggregation, cfg.train.aggregation_weights)
 
 
 def resolve_algorithm(cfg: ExperimentConfig) -> type[FederatedAlgorithm]:
@@ -225,6 +226,8 @@ def build_experiment(cfg: ExperimentConfig, device: torch.device | None = None) 
         hetlora_weights=cfg.hetlora.weights,
         self_pruning=cfg.hetlora.self_pruning,
         prune_gamma=cfg.hetlora.prune_gamma,
+        robust_aggregation=cfg.robust.aggregation,
+        trim_fraction=cfg.robust.trim_fraction,
         split_context=ctx,
         **cfg.hsplitlora.model_dump(),
     )

@@ -626,16 +626,32 @@ def report(paths: Iterable[Path | str], out_dir: Path | str,
            interval: str = "t") -> list[Path]:
     """Find runs under ``paths`` and write the results tables and plots into ``out_dir``
     (with ``target``, also the simulated time to reach it; with ``reference``, the paired
-    differences of every method against it, :mod:`lorafleet.significance`)."""
-    runs = find_runs(paths)
-    written = write_results(results_table(runs, target), out_dir)
-    if reference is not None:
-        from lorafleet.significance import paired_table, write_differences
+    differences of every method against it, :mod:`lorafleet.significance`).
 
-        if interval not in ("t", "bootstrap"):
-            raise LorafleetError(f"--interval {interval!r} must be t or bootstrap")
+    ``out_dir`` must be new, empty, or a run or results directory lorafleet wrote
+    (:mod:`lorafleet.outdir`); a file of the report's names that lorafleet did not write
+    there is never replaced.
+    """
+    from lorafleet.outdir import REPORT_FILES, RESULTS, RUN, check_output_dir, claim_output_dir
+
+    if interval not in ("t", "bootstrap"):
+        raise LorafleetError(f"--interval {interval!r} must be t or bootstrap")
+    check_output_dir(out_dir, (RESULTS, RUN), outputs=REPORT_FILES)  # before reading runs
+    runs = find_runs(paths)
+    table = results_table(runs, target)
+    diffs = None
+    if reference is not None:
+        from lorafleet.significance import paired_table
+
         diffs = paired_table(runs, reference, target,
                              interval="t" if interval == "t" else "bootstrap")
+    target_dir = claim_output_dir(out_dir, (RESULTS, RUN), outputs=REPORT_FILES)
+    written = write_results(table, out_dir)
+    if diffs is not None:
+        from lorafleet.significance import write_differences
+
         written += write_differences(diffs, out_dir, higher_is_better=runs[0].higher_is_better,
                                      metric=runs[0].metric)
-    return written + make_plots(runs, out_dir)
+    written += make_plots(runs, out_dir)
+    target_dir.record(*(p.name for p in written))
+    return written

@@ -2,7 +2,8 @@
 
 ``config.yaml`` (resolved config), ``metrics.jsonl`` (one object per round, round 0 is the
 initial model's evaluation), ``summary.json``, ``partition.json``, ``adapter/`` or
-``merged/``, ``checkpoint/``.
+``merged/``, ``checkpoint/``, and lorafleet's marker ``.lorafleet.json`` (written first,
+:mod:`lorafleet.outdir`): a run writes only into a directory that is new, empty or a run's.
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lorafleet.config import ExperimentConfig, validate_config
+from lorafleet.config import ExperimentConfig, read_config_file, validate_config
 from lorafleet.errors import LorafleetError
+from lorafleet.outdir import (
+    RUN,
+    RUN_ENTRIES,
+    RUN_FILES,
+    OutputDir,
+    check_output_dir,
+    claim_output_dir,
+)
 
 __all__ = ["RunDir"]
 
@@ -50,6 +57,20 @@ class RunDir:
     def merged_dir(self) -> Path:
         return self.path / "merged"
 
+    def check(self) -> None:
+        """Refuse, before anything slow, a directory a run must not write into."""
+        check_output_dir(self.path, RUN, outputs=RUN_ENTRIES)
+
+    def claim(self) -> None:
+        """Mark the directory as a run's (creating it), after :meth:`check`'s test."""
+        claim_output_dir(self.path, RUN, outputs=RUN_ENTRIES, files=RUN_FILES)
+
+    def record_outputs(self, *subdirs: str) -> None:
+        """Add the files now under ``subdirs`` (the exported model) to the manifest."""
+        out = OutputDir(self.path)
+        if out.marker() is not None:
+            out.record_tree(*subdirs)
+
     def holds_run(self) -> bool:
         """True if a run has already written here."""
         return self.metrics_path.exists() or self.summary_path.exists()
@@ -61,7 +82,7 @@ class RunDir:
                 f"{self.path} already holds a run; pass --resume to continue it, "
                 "or choose another --out"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.claim()
         self.config_path.write_text(cfg.to_yaml())
         self.metrics_path.write_text("")
 
@@ -69,7 +90,7 @@ class RunDir:
         """The resolved config a previous run stored here."""
         if not self.config_path.is_file():
             raise LorafleetError(f"{self.path} holds no config.yaml to resume from")
-        return validate_config(yaml.safe_load(self.config_path.read_text()) or {})
+        return validate_config(read_config_file(self.config_path))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one round's metrics and flush them to disk."""

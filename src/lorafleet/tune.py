@@ -25,11 +25,13 @@ from rich.console import Console
 from lorafleet.compare import run_all
 from lorafleet.config import ExperimentConfig, load_config
 from lorafleet.errors import ConfigError, LorafleetError
+from lorafleet.outdir import RESULTS, check_output_dir, claim_output_dir
 from lorafleet.report import find_runs
 
 __all__ = ["TUNED_FILE", "grid_points", "parse_grid", "tune"]
 
 TUNED_FILE = "tuned.json"
+TUNE_FILES = (TUNED_FILE, "tuning.md")
 _NOT_TUNABLE = ("algorithm", "seed", "data.evaluate_on", "data.validation_fraction",
                 "data.eval_fraction")
 
@@ -127,6 +129,7 @@ def tune(
         raise ConfigError("--seeds", "must be at least 1")
     if select not in ("final", "best"):
         raise ConfigError("--select", f"must be final or best, not {select!r}")
+    check_output_dir(out, RESULTS, outputs=TUNE_FILES)  # before anything is loaded
     console = console or Console(stderr=True)
     points = grid_points(grid)
     base = load_config(config, overrides or [])
@@ -152,7 +155,7 @@ def tune(
     result.update({"config": str(config) if config else None, "overrides": overrides or [],
                    "grid": grid, "seeds": seed_list, "select": select,
                    "runs_per_algorithm": len(points) * seeds})
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, RESULTS, outputs=TUNE_FILES, files=TUNE_FILES)
     (out / TUNED_FILE).write_text(json.dumps(result, indent=2) + "\n")
     (out / "tuning.md").write_text(_markdown(result))
     return result

@@ -214,8 +214,13 @@ class FederatedAlgorithm(ABC):
         pools_data: one client holds every training example (the centralised upper bound).
         adapts_all_weights: adapt every candidate weight of a layer by default (q, k, v, o,
             gate, up, down), not the architecture's default q and v.
+        robust_aggregations: the ``robust.aggregation`` modes the method implements
+            (:mod:`lorafleet.algorithms.robust`); "mean" is its own rule.
+        robust_refusal: why the other modes do not apply to it (one clause, for the error).
 
-    Options every algorithm reads: ``aggregation_weights`` ("uniform" | "examples").
+    Options every algorithm reads: ``aggregation_weights`` ("uniform" | "examples"),
+    ``robust_aggregation`` (one of ``robust_aggregations``, default "mean") and
+    ``trim_fraction`` (trimmed-mean).
     """
 
     name: ClassVar[str]
@@ -226,18 +231,41 @@ class FederatedAlgorithm(ABC):
     split_learning: ClassVar[bool] = False
     pools_data: ClassVar[bool] = False
     adapts_all_weights: ClassVar[bool] = False
+    robust_aggregations: ClassVar[tuple[str, ...]] = ("mean",)
+    robust_refusal: ClassVar[str] = "has no robust variant"
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         self.spec = spec
         self.seed = seed
         self.options = options
         self.weighting = str(options.get("aggregation_weights", "uniform"))
+        self.robust = str(options.get("robust_aggregation", "mean"))
+        self.trim_fraction = float(options.get("trim_fraction", 0.2))
+        self.check_robust(self.robust, self.weighting)
         if self.averages_models and options.get("server_optimizer", "avg") != "avg":
             raise ConfigError(
                 "train.server_optimizer",
                 f"{self.name} averages client adapters, so it must be 'avg' (FedOpt-style "
                 "server steps: use algorithm fslora)",
             )
+
+    @classmethod
+    def check_robust(cls, mode: str, weighting: str = "uniform") -> None:
+        """Refuse, in one line, a ``robust.aggregation`` mode this method does not implement
+        (or median/trimmed-mean with example weights, which they cannot honour)."""
+        if mode not in cls.robust_aggregations:
+            from lorafleet.algorithms import ALGORITHMS  # the registry imports this module
+
+            others = [n for n, c in ALGORITHMS.items() if mode in c.robust_aggregations]
+            raise ConfigError(
+                "robust.aggregation",
+                f"{mode} does not apply to {cls.name}, which {cls.robust_refusal} (allowed "
+                f"for {cls.name}: {', '.join(cls.robust_aggregations)}; {mode} is for "
+                f"{', '.join(others) or 'no method'})")
+        if mode in ("median", "trimmed-mean") and weighting != "uniform":
+            raise ConfigError("robust.aggregation", f"{mode} counts every client once, so it "
+                              "cannot weigh them by examples (set train.aggregation_weights: "
+                              "uniform, or use clip)")
 
     @abstractmethod
     def init_state(self) -> ServerState:

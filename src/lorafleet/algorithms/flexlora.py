@@ -81,6 +81,8 @@ class FlexLoRA(FederatedAlgorithm):
     name: ClassVar[str] = "flexlora"
     client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # products are averaged
     averages_models: ClassVar[bool] = True
+    robust_refusal: ClassVar[str] = (
+        "averages the clients' products s_i B_i A_i and re-factors them by SVD")
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)

@@ -143,6 +143,7 @@ class FLoRA(FederatedAlgorithm):
     merges_into_base: ClassVar[bool] = True
     client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # B_i A_i is the update
     averages_models: ClassVar[bool] = True
+    robust_refusal: ClassVar[str] = "stacks the clients' factors into an exact sum"
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)

@@ -31,6 +31,7 @@ from lorafleet.algorithms.base import (
     derive_seed,
     lora_key,
 )
+from lorafleet.algorithms.robust import clip_factors, l2_norm
 from lorafleet.algorithms.server_opt import server_step
 
 __all__ = ["FSLoRA", "sketch_indices", "sketch_matrix"]
@@ -67,6 +68,10 @@ class FSLoRA(FederatedAlgorithm):
     """
 
     name: ClassVar[str] = "fslora"
+    robust_aggregations: ClassVar[tuple[str, ...]] = ("mean", "clip")
+    robust_refusal: ClassVar[str] = (
+        "averages sketched deltas: a client sends k_i of the r ranks, so a coordinate-wise "
+        "statistic over clients would count the ranks it did not train as zeros")
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)
@@ -104,14 +109,21 @@ class FSLoRA(FederatedAlgorithm):
         results: list[tuple[ClientInfo, Payload, ClientResult]],
         round: int,
     ) -> ServerState:
-        """g = sum_i p_i scatter(dB_I, dA_I) (p_i = 1/|S_t| by default); then a server step."""
+        """g = sum_i p_i scatter(dB_I, dA_I) (p_i = 1/|S_t| by default); then a server step.
+
+        With ``robust_aggregation: clip`` each client's deltas are first scaled by
+        f_i = min(1, tau / ||delta_i||) (:func:`~lorafleet.algorithms.robust.clip_factors`).
+        """
         if not results:
             return state
         params = {k: state.tensors[k] for k in self._params_keys()}
         grad = {k: torch.zeros_like(v) for k, v in params.items()}
         r = self.spec.rank
-        for p, (client, _, result) in zip(aggregation_weights(results, self.weighting), results,
-                                          strict=True):
+        weights = aggregation_weights(results, self.weighting)
+        if self.robust == "clip":
+            factors = clip_factors([l2_norm(result.tensors) for _, _, result in results])
+            weights = [p * f for p, f in zip(weights, factors, strict=True)]
+        for p, (client, _, result) in zip(weights, results, strict=True):
             k = self.client_rank(client)
             for module in self.spec.modules:
                 idx = sketch_indices(self.seed, round, client.id, module, r, k)

@@ -96,6 +96,8 @@ class HetLoRA(FederatedAlgorithm):
     name: ClassVar[str] = "hetlora"
     client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # padded and averaged
     averages_models: ClassVar[bool] = True
+    robust_refusal: ClassVar[str] = (
+        "averages zero-padded factors of different ranks with norm-based weights")
 
     def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
         super().__init__(spec, seed=seed, **options)

@@ -506,6 +506,7 @@ class HSplitLoRAPadded(HSplitLoRA):
 
     merges_into_base: ClassVar[bool] = False
     client_returns: ClassVar[Literal["deltas", "values"]] = "values"
+    robust_refusal: ClassVar[str] = "averages zero-padded factors of different ranks"
 
     def _rank_set(self) -> tuple[int, ...]:
         """Q capped at the global rank r (a truncation cannot be larger than the global)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import logging
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -30,7 +31,11 @@ __all__ = [
     "train_eval_split",
 ]
 
+log = logging.getLogger("lorafleet")
+
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# DataConfig fields an embedded dataset does not read (its columns are fixed).
+_SOURCE_FIELDS = ("text_field", "label_field", "target_field", "split")
 
 # Hamlet is cut into chunks of consecutive lines of about this many characters.
 _CHUNK_MIN_CHARS = 400
@@ -241,10 +246,14 @@ def _open_hf(cfg: DataConfig) -> Any:
             raise ConfigError(
                 "data.dataset", f"unsupported file type '{path.suffix}' (allowed: {allowed})"
             )
+        size = path.stat().st_size
+        if size == 0 or (size < 4096 and not path.read_bytes().strip()):
+            raise ConfigError("data.dataset", f"{path} is empty (no rows)")
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # pyarrow and datasets raise many kinds on bad files
-            raise ConfigError("data.dataset", f"could not read {path}: {err}") from None
+            reason = _read_error(err)
+            raise ConfigError("data.dataset", f"could not read {path}: {reason}") from None
     try:
         return datasets.load_dataset(name, split=cfg.split)
     except Exception:  # offline, unknown name, bad split: all one answer for the user
@@ -255,6 +264,23 @@ def _open_hf(cfg: DataConfig) -> Any:
             f"file or directory, and split '{cfg.split}' could not be loaded from the "
             "Hugging Face hub (offline?)",
         ) from None
+
+
+def _read_error(err: BaseException) -> str:
+    """The most telling line of a load failure: datasets wraps the parser's error (whose
+    message says what is wrong) in a generic one."""
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    for cause in reversed(seen):  # the innermost error that has something to say
+        text = str(cause).strip()
+        if text:
+            first = text.splitlines()[0]
+            if "no data" in first and "Instruction" in first:
+                return "no rows"
+            return f"{type(cause).__name__}: {first}"
+    return type(seen[0]).__name__
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
@@ -306,8 +332,9 @@ def _from_hf(ds: Any, cfg: DataConfig) -> tuple[list[Example], list[str]]:
     ]
     target_of: list[str | None] = targets if targets is not None else [None] * len(texts)
     if cfg.label_field not in columns:
-        # A missing label column means unlabeled text, unless the user asked for it.
-        if "label_field" in cfg.model_fields_set:
+        # A missing label column means unlabeled text, unless the user asked for another
+        # column than the default (compared by value: a stored config sets every field).
+        if cfg.label_field != DataConfig.model_fields["label_field"].default:
             raise ConfigError(
                 "data.label_field",
                 f"column '{cfg.label_field}' not found (columns: {', '.join(columns)})",
@@ -358,9 +385,22 @@ def load_text_dataset(cfg: DataConfig, seed: int) -> TextDataset:
     """
     loader = EMBEDDED_DATASETS.get(cfg.dataset)
     if loader is not None:
+        for name in _SOURCE_FIELDS:
+            value, default = getattr(cfg, name), DataConfig.model_fields[name].default
+            if value != default:
+                raise ConfigError(f"data.{name}", f"'{cfg.dataset}' is an embedded dataset "
+                                  f"with fixed columns, so {name} ({value!r}) would be ignored; "
+                                  f"it applies to files and hub datasets (leave it {default!r})")
         examples, label_names = loader()
     else:
-        examples, label_names = _from_hf(_open_hf(cfg), cfg)
+        ds = _open_hf(cfg)
+        examples, label_names = _from_hf(ds, cfg)
+        dropped = len(ds) - len(examples)
+        if dropped:
+            what = ["text"] + (["label"] if label_names else []) + (
+                ["target"] if examples and examples[0].target is not None else [])
+            log.warning("%s: dropped %d of %d rows with an empty or missing %s", cfg.dataset,
+                        dropped, len(ds), "/".join(what))
     if not examples:
         raise ConfigError("data.dataset", f"'{cfg.dataset}' holds no non-empty examples")
     if cfg.max_examples is not None and cfg.max_examples < len(examples):

@@ -51,6 +51,7 @@ def run_experiment(cfg: ExperimentConfig | None, out: Path, *, resume: bool = Fa
     """
     from lorafleet.rundir import RunDir
 
+    RunDir(out).check()  # before reading anything in it
     where = cfg.runtime if cfg is not None else RunDir(out).stored_config().runtime
     if where == "flower-sim":
         try:

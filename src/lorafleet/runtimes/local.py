@@ -12,7 +12,7 @@ Flower runtime calls too.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from lorafleet.runtimes.session import (
     make_trainer,
     train_client,
 )
+from lorafleet.runtimes.validation import sent_bytes
 
 __all__ = ["RunResult", "evaluate_global", "export_run", "run_local"]
 
@@ -107,7 +108,9 @@ def _rounds(session: FederatedSession, console: Console, progress: bool,
                     # adapters stay with the (main and fed) server.
                     down = tensor_bytes(trainer.device_side(payload.tensors)) + tensor_bytes(
                         payload.extra)
-                    up = tensor_bytes(trainer.device_side(result.tensors))
+                    # sent_bytes: a malformed update must reach validation, not crash here
+                    up = sent_bytes(trainer.device_side(result.tensors)) if isinstance(
+                        result.tensors, Mapping) else 0
                     session.ledger.record_activations(rnd, cid, trainer.stats.nbytes)
                     seconds = functools.partial(
                         _split_client_time, exp, session.clock, exp.profiles[cid], payload,
@@ -198,17 +201,21 @@ def export_run(run_dir: Path, out: Path, *, merged: bool = False) -> Path:
     adapter merged into the base (loadable with ``from_pretrained``). Works on unfinished
     runs too: it exports the last finished round.
     """
+    from lorafleet.outdir import EXPORT, MARKER, check_output_dir, claim_output_dir
+
+    check_output_dir(out, EXPORT, empty_only=True)  # before anything is loaded
     run = RunDir(run_dir)
     ckpt = load_checkpoint(run.checkpoint_dir)
     if ckpt is None:
         raise LorafleetError(f"{run_dir} has no checkpoint to export (not a lorafleet run dir?)")
-    if out.exists() and any(out.iterdir()):
-        raise LorafleetError(f"{out} is not empty; choose another --out")
     exp = build_experiment(run.stored_config())
     ga = exp.algorithm.global_adapter(ckpt.state)
     exp.model.set_global(ga.tensors, ga.scaling, ga.base_delta)
+    target = claim_output_dir(out, EXPORT, empty_only=True)
     if merged or exp.algorithm.merges_into_base:
         exp.model.save_merged(out)
     else:
         exp.model.save_adapter(out)
+    target.record(*(str(f.relative_to(out)) for f in sorted(out.rglob("*"))
+                    if f.is_file() and f.name != MARKER))
     return out

@@ -7,9 +7,10 @@ directory, evaluate the initial model), and then per round:
 2. :meth:`FederatedSession.dispatch` per available client: the algorithm's payload;
 3. the client trains with :func:`train_client`, in this process (local runtime) or on a
    Flower node, and its result comes back however the runtime moves it;
-4. :meth:`FederatedSession.settle` (byte ledger, validation, simulated clock) or
+4. :meth:`FederatedSession.settle` (validation, byte ledger, simulated clock) or
    :meth:`FederatedSession.drop` (a client that failed) per client, in client order;
-5. :meth:`FederatedSession.end_round`: aggregate, evaluate, metrics row, checkpoint;
+5. :meth:`FederatedSession.end_round`: the round's norm bound, aggregate (a non-finite
+   aggregate is not committed), evaluate, metrics row, checkpoint;
 
 and finally :meth:`FederatedSession.finish` exports the model and writes summary.json.
 Since every runtime calls this same code, the same config and seed give the same run.
@@ -18,6 +19,7 @@ Since every runtime calls this same code, the same config and seed give the same
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +49,13 @@ from lorafleet.models.adapters import PeftClientTrainer
 from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.trace import trace
-from lorafleet.runtimes.validation import validate_update
+from lorafleet.runtimes.validation import (
+    all_finite,
+    norm_outliers,
+    sent_bytes,
+    update_rms,
+    validate_update,
+)
 
 __all__ = [
     "BYTES_PER_VALUE",
@@ -95,6 +103,14 @@ def evaluate_global(exp: Experiment, state: ServerState, *, final: bool = True
     decode = final or exp.cfg.task.generation_eval == "every"
     return exp.task.evaluate(exp.model.peft, exp.eval_items, exp.cfg.task.eval_batch_size,
                              decode=decode)
+
+
+def _loss_of(result: ClientResult) -> float:
+    """The client's reported training loss, NaN if it reported none (or not a number)."""
+    metrics = result.metrics if isinstance(result.metrics, dict) else {}
+    loss = metrics.get("loss", math.nan)
+    return float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) \
+        else math.nan
 
 
 def failure_reason(err: BaseException) -> str:
@@ -202,6 +218,7 @@ class RoundTally:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    sizes: list[float] = field(default_factory=list)  # RMS value of each accepted update
 
 
 class FederatedSession:
@@ -212,7 +229,8 @@ class FederatedSession:
 
     def __init__(self, exp: Experiment, run: RunDir, state: ServerState, *, start: int,
                  ledger: CommLedger, clock: SimulatedClock, rows: list[dict[str, Any]],
-                 wall_before: float, t_start: float) -> None:
+                 wall_before: float, t_start: float,
+                 norm_history: list[list[float]] | None = None) -> None:
         self.exp = exp
         self.run = run
         self.state = state
@@ -223,6 +241,9 @@ class FederatedSession:
         self._wall_before = wall_before
         self._t_start = t_start
         self._peak = PeakMemory(exp.device)  # this process's, per round (metrics rows)
+        # RMS values of the updates accepted in the last rounds (robust.norm_window), one
+        # list per round: the norm bound's memory, checkpointed so a resume judges alike.
+        self.norm_history = norm_history or []
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -243,6 +264,7 @@ class FederatedSession:
         """
         console = console or Console(stderr=True)
         run = RunDir(out)
+        run.check()  # a file, or a directory that is not a run's: refused before anything
         ckpt = None
         if resume and run.holds_run():
             stored = run.stored_config()
@@ -271,6 +293,7 @@ class FederatedSession:
                 run.summary_path.unlink(missing_ok=True)
             run.prepare_new(cfg)
         else:
+            run.claim()  # a run of an earlier lorafleet gets its marker
             run.config_path.write_text(cfg.to_yaml())
         if progress:
             console.print(render_partition_table(exp.partition, exp.label_names))
@@ -284,6 +307,7 @@ class FederatedSession:
             ledger.load_state_dict(ckpt.extra["ledger"])
             clock.load_state_dict(ckpt.extra["clock"])
             wall_before = float(ckpt.extra["wall_seconds"])
+            norm_history = [[float(x) for x in r] for r in ckpt.extra.get("update_rms", [])]
             rows = run.truncate_metrics(ckpt.round)
             if progress:
                 console.print(f"resuming {out} after round {ckpt.round}")
@@ -291,11 +315,12 @@ class FederatedSession:
             state = algo.init_state()
             start = 1
             wall_before = 0.0
+            norm_history = []
             rows = []
         if algo.merges_into_base:
             exp.model.set_base_delta(algo.global_adapter(state).base_delta)
         session = cls(exp, run, state, start=start, ledger=ledger, clock=clock, rows=rows,
-                      wall_before=wall_before, t_start=t_start)
+                      wall_before=wall_before, t_start=t_start, norm_history=norm_history)
         if start == 1:
             metric = exp.task.metric
             base_eval = evaluate_global(exp, state)
@@ -375,7 +400,10 @@ class FederatedSession:
         bytes_up: int | None = None,
         seconds: Callable[[], float] | None = None,
     ) -> bool:
-        """Count a client's traffic, validate its update, and accept it or leave it out.
+        """Validate a client's update, count its traffic, and accept it or leave it out.
+
+        Types are checked before anything reads the values; the round's norm bound is
+        applied in :meth:`end_round`, once every update of the round is in.
 
         Args:
             tally: the round.
@@ -388,25 +416,66 @@ class FederatedSession:
                 its speed plus bytes over its bandwidth (split learning).
 
         Returns:
-            Whether the update was accepted.
+            Whether the update passed validation (the norm bound may still leave it out).
         """
         cid = sent.client.id
         down = sent.bytes_down if bytes_down is None else bytes_down
-        up = tensor_bytes(result.tensors) if bytes_up is None else bytes_up
         try:
-            validate_update(cid, result.tensors, sent.expected)
+            validate_update(cid, result.tensors, sent.expected,
+                            max_value=self.cfg.robust.max_value)
         except UpdateRejected as err:
-            self.reject(tally, sent, err, bytes_up=up)
+            self.reject(tally, sent, err,
+                        bytes_up=sent_bytes(result.tensors) if bytes_up is None else bytes_up)
             return False
+        up = tensor_bytes(result.tensors) if bytes_up is None else bytes_up
         self.ledger.record(tally.round, cid, down, up)
         if seconds is not None:
             tally.times.append(seconds())
         else:
             flops = train_flops(self.exp.model.num_base_params, tokens, sent.trainable)
             tally.times.append(self.clock.client_time(self.exp.profiles[cid], flops, down, up))
-        tally.losses.append(result.metrics.get("loss", float("nan")))
+        tally.losses.append(_loss_of(result))
         tally.accepted.append((sent.client, sent.payload, result))
+        tally.sizes.append(update_rms(result.tensors))
         return True
+
+    def bound_norms(self, tally: RoundTally) -> None:
+        """Leave out the round's updates whose RMS is above ``robust.norm_multiple`` times the
+        reference (:func:`~lorafleet.runtimes.validation.norm_outliers`), logged with the
+        reason; their traffic still counts."""
+        multiple = self.cfg.robust.norm_multiple
+        if multiple is None or not tally.accepted:
+            return
+        history = [x for past in self.norm_history for x in past]
+        reference, over = norm_outliers(tally.sizes, history, multiple)
+        for i in reversed(over):
+            client = tally.accepted[i][0].id
+            reason = (f"update RMS {tally.sizes[i]:.3g} is {tally.sizes[i] / reference:.3g}x the "
+                      f"reference {reference:.3g} (allowed: up to {multiple:g}x, "
+                      "robust.norm_multiple)")
+            log.warning("update from client %d rejected: %s", client, reason)
+            tally.rejected.append({"client": client, "reason": reason})
+            for parallel in (tally.accepted, tally.times, tally.losses, tally.sizes):
+                del parallel[i]
+
+    def _aggregate(self, tally: RoundTally) -> str | None:
+        """Aggregate the accepted updates into ``self.state``, unless the new state is not
+        finite (or cannot be computed): then the previous state is kept and the reason
+        returned. The server never commits a non-finite global model."""
+        algo, rnd = self.exp.algorithm, tally.round
+        try:
+            new = algo.aggregate(self.state, tally.accepted, rnd)
+        except torch.linalg.LinAlgError as err:  # an SVD of values no update should hold
+            reason = f"the aggregate could not be computed ({str(err).splitlines()[0]})"
+        else:
+            bad = next((k for k, v in new.tensors.items() if not all_finite(v)), None)
+            if bad is None:
+                self.state = new
+                return None
+            reason = f"the aggregate is not finite ({bad} holds NaN or Inf)"
+        reason += "; the round was rejected and the previous global model kept"
+        log.warning("round %d: %s", rnd, reason)
+        return reason
 
     def end_round(self, tally: RoundTally) -> dict[str, Any]:
         """Aggregate the accepted updates, evaluate when due, write the metrics row and the
@@ -425,8 +494,17 @@ class FederatedSession:
                 f"every client of round {rnd} failed (first: {rejected[0]['reason']}); "
                 "finished rounds are kept, fix the cause and --resume"
             )
-        self.state = algo.aggregate(self.state, tally.accepted, rnd)
-        if algo.merges_into_base:  # later rounds' clients train on the merged base
+        self.bound_norms(tally)
+        round_rejected = self._aggregate(tally)
+        if round_rejected is not None:  # nothing of the round reached the global model
+            tally.rejected += [{"client": c.id, "reason": round_rejected}
+                               for c, _, _ in tally.accepted]
+            tally.accepted, tally.losses, tally.sizes = [], [], []
+        rejected = sorted(tally.rejected, key=lambda r: int(r["client"]))
+        window = self.cfg.robust.norm_window
+        self.norm_history = [*self.norm_history, list(tally.sizes)][-window:] if window else []
+        if algo.merges_into_base and round_rejected is None:
+            # later rounds' clients train on the merged base
             exp.model.set_base_delta(algo.global_adapter(self.state).base_delta)
         down_r, up_r = self.ledger.round_totals(rnd)
         down_t, up_t = self.ledger.totals()
@@ -441,6 +519,8 @@ class FederatedSession:
             "bytes_up_total": up_t, "bytes_down_total": down_t,
             "sim_seconds": sim, "sim_seconds_total": self.clock.elapsed,
         }
+        if round_rejected is not None:
+            row["aggregate_rejected"] = round_rejected
         if algo.split_learning:
             row["bytes_activations"] = self.ledger.activation_bytes(rnd)
             row["bytes_activations_total"] = self.ledger.activation_bytes()
@@ -457,7 +537,7 @@ class FederatedSession:
         self.rows.append(row)
         save_checkpoint(self.run.checkpoint_dir, rnd, self.state, {
             "ledger": self.ledger.state_dict(), "clock": self.clock.state_dict(),
-            "wall_seconds": row["wall_seconds"],
+            "wall_seconds": row["wall_seconds"], "update_rms": self.norm_history,
         })
         trace("round_end", round=rnd, seconds=time.perf_counter() - t0, eval_s=t_eval,
               wall=row["wall_seconds"])
@@ -481,6 +561,7 @@ class FederatedSession:
             exp.model.save_adapter(run.adapter_dir)
             if algo.split_learning:  # the split family always leaves a loadable full model
                 exp.model.save_merged(run.merged_dir)
+        run.record_outputs("adapter", "merged")
         metric = task.metric
         evaluated = [r for r in rows if metric in r and r["round"] > 0]
         if not evaluated:
@@ -536,4 +617,11 @@ class FederatedSession:
                             "num_layers": split.dims.num_layers})
         run.write_json("summary.json", summary)
         trace("finish", wall=summary["wall_seconds"])
+        if not any(r["clients"] for r in rows if r["round"] > 0):
+            first = next((r["rejected"][0] for r in rows if r.get("rejected")), None)
+            why = f" (first: client {first['client']}: {first['reason']})" if first else ""
+            raise LorafleetError(
+                f"no client update was accepted in any of the {cfg.rounds} rounds{why}; "
+                f"{run.path} holds the initial model, not a trained one (metrics.jsonl lists "
+                "every rejection)")
         return summary

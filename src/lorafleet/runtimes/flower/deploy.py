@@ -46,6 +46,17 @@ from rich.console import Console
 
 from lorafleet.config import ExperimentConfig
 from lorafleet.errors import LorafleetError
+from lorafleet.outdir import (
+    APP_ENTRIES,
+    APP_FILES,
+    DEPLOY,
+    FLOWER_APP,
+    RUN,
+    RUN_ENTRIES,
+    OutputDir,
+    check_output_dir,
+    claim_output_dir,
+)
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.flower.server_app import require_federated
 
@@ -94,13 +105,17 @@ def write_app(home: Path, cfg: ExperimentConfig | None, out: Path, *, resume: bo
         The run-config file (``flwr run HOME/app CONNECTION --run-config`` it).
 
     Raises:
-        LorafleetError: a round timeout that is not positive, or a negative node wait
-            (nothing is written).
+        LorafleetError: a round timeout that is not positive, a negative node wait, or a
+            ``home`` or ``out`` lorafleet may not write into (:mod:`lorafleet.outdir`;
+            nothing is written).
     """
     if round_timeout <= 0:
         raise LorafleetError(f"--round-timeout must be positive, got {round_timeout:g}")
     if node_wait < 0:
         raise LorafleetError(f"--node-wait must be >= 0, got {node_wait:g}")
+    check_output_dir(out, RUN, outputs=RUN_ENTRIES)  # the ServerApp's run directory
+    claim_output_dir(home, (FLOWER_APP, DEPLOY), option="--app", outputs=APP_ENTRIES,
+                     files=APP_FILES)
     home = home.resolve()
     (home / "app").mkdir(parents=True, exist_ok=True)
     (home / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
@@ -448,6 +463,7 @@ def deploy_local(
     security = security or Security()
     out = out.resolve()
     run = RunDir(out)
+    run.check()  # a file, or a directory that is not a run's: refused before anything
     stored = run.stored_config() if cfg is None and resume else None
     effective = cfg or stored
     if effective is None:
@@ -467,6 +483,10 @@ def deploy_local(
         if not path.exists():
             raise LorafleetError(f"--node-data {node}={path}: no such file")
     home = out / "deploy"
+    check_output_dir(home, DEPLOY)
+    run.claim()  # the ServerApp starts the run in it; Flower's state goes to OUT/deploy
+    OutputDir(out).record("deploy/")
+    claim_output_dir(home, DEPLOY, files=["flwr-home/config.toml", "state.db*", "*.log"])
     write_app(home, cfg, out, resume=resume, round_timeout=round_timeout,
               node_wait=start_timeout if node_wait is None else node_wait)
     (home / "flwr-home").mkdir(parents=True, exist_ok=True)

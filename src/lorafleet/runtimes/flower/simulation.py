@@ -107,6 +107,7 @@ def run_flower_sim(
     from lorafleet.runtimes.flower.strategy import RunCancelled
 
     console = console or Console(stderr=True)
+    RunDir(out).check()  # before reading anything in it
     if cfg is not None:
         require_federated(cfg)
         _require_gpus(cfg)
