@@ -34,8 +34,9 @@ from lorafleet.cli import app as cli_app
 from lorafleet.config import ExperimentConfig, load_config
 from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.runtimes.flower import run_flower_sim, serve
-from lorafleet.runtimes.flower.client_app import partition_of, query_reply, train_reply
+from lorafleet.runtimes.flower.client_app import partition_of, query_reply
 from lorafleet.runtimes.flower.grid import InProcessGrid
+from lorafleet.runtimes.flower.training import train_reply
 from lorafleet.runtimes.flower.wire import (
     failure_record,
     payload_record,
@@ -483,16 +484,18 @@ def _gone(pids: set[int]) -> bool:
 @pytest.mark.slow
 def test_deploy_local_runs_on_real_flower_processes_and_stops_them(tmp_path, tiny_bert_dir,
                                                                     tiny_text_csv):
-    """A flower-superlink, 2 flower-supernodes and `flwr run` on loopback: the local run's
-    adapter exactly, the run directory contract, and no process left behind."""
+    """A flower-superlink, 2 flower-supernodes and `flwr run` on loopback, in the previous
+    mode (``resident=False``: each ClientApp process builds the experiment itself): the
+    local run's adapter exactly, the run directory contract, and no process left behind.
+    (The default, resident trainers: tests/test_flower_node.py.)"""
     from lorafleet.runtimes.flower.deploy import deploy_local
 
     torch.set_num_threads(1)
     cfg = _config(tiny_bert_dir, tiny_text_csv, num_clients=2, **{"fleet.sketch.ranks": "[2, 4]"})
     run_local(cfg, tmp_path / "local", progress=False)
     t0 = time.perf_counter()
-    dep = deploy_local(cfg, tmp_path / "deployed", nodes=2)
-    print(f"deploy-local wall seconds: {time.perf_counter() - t0:.1f}")
+    dep = deploy_local(cfg, tmp_path / "deployed", nodes=2, resident=False)
+    print(f"deploy-local (no resident trainers) wall seconds: {time.perf_counter() - t0:.1f}")
     names = [name for name, _ in dep.procs]
     assert names == ["superlink", "supernode-0", "supernode-1", "flwr-run"]
     assert len(dep.seen) > len(names)  # SuperExec, ServerApp and ClientApp processes too
@@ -518,7 +521,10 @@ def test_deploy_local_stops_every_process_when_interrupted(tmp_path, tiny_bert_d
         deploy_local(_config(tiny_bert_dir, tiny_text_csv), tmp_path / "run", nodes=3,
                      on_started=interrupt)
     [dep] = started
-    assert len(dep.procs) == 4 and _gone(dep.seen)
+    assert [name for name, _ in dep.procs] == [
+        "superlink", "trainer-0", "trainer-1", "trainer-2", "supernode-0", "supernode-1",
+        "supernode-2"]
+    assert _gone(dep.seen) and dep.trainer_dir is not None and not dep.trainer_dir.exists()
 
 
 # ----------------------------------------------------------------------------- TLS + auth
@@ -676,9 +682,9 @@ def test_deploy_local_over_tls_with_supernode_authentication(tmp_path, tiny_bert
                                                              tiny_text_csv):
     """TLS on every link and registered SuperNode keys: 2 authorised nodes train 2 rounds;
     a third node with a key the SuperLink does not know is refused and never trains. The
-    nodes train on their own files (``data-path`` through Flower's node config): node 0's
-    is fine, node 1's holds a class the experiment does not know and is refused with its
-    reason every round."""
+    nodes train on their own files (their resident trainers' ``--data-path``): node 0's is
+    fine, node 1's holds a class the experiment does not know and is refused with its reason
+    every round."""
     from lorafleet.runtimes.flower.deploy import Deployment, Security, deploy_local
 
     torch.set_num_threads(1)
@@ -719,7 +725,8 @@ def test_deploy_local_over_tls_with_supernode_authentication(tmp_path, tiny_bert
     for f in (*RUN_FILES, "adapter/adapter_model.safetensors"):
         assert (tmp_path / "run" / f).exists(), f
     names = [name for name, _ in dep.procs]
-    assert names == ["superlink", "supernode-0", "supernode-1", "rogue", "flwr-run"]
+    assert names == ["superlink", "trainer-0", "trainer-1", "supernode-0", "supernode-1",
+                     "rogue", "flwr-run"]
     assert _gone(dep.seen)
 
 
@@ -737,7 +744,8 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins(tmp_path, tiny_bert
                                                              tiny_text_csv):
     """SIGKILL a SuperNode (and its ClientApp) as it trains round 1: round 1 aggregates the
     other node and records the dead node's client as dropped; the node, restarted, rejoins
-    and trains round 2."""
+    and trains round 2. In the previous mode, whose ClientApp takes seconds to start, so
+    that the kill lands mid-round (a killed trainer: tests/test_flower_node.py)."""
     from lorafleet.runtimes.flower.deploy import Deployment, deploy_local
 
     torch.set_num_threads(1)
@@ -765,7 +773,7 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins(tmp_path, tiny_bert
 
     t0 = time.perf_counter()
     dep = deploy_local(cfg, tmp_path / "run", nodes=2, round_timeout=45.0, node_wait=5.0,
-                       on_started=crash_node_1)
+                       on_started=crash_node_1, resident=False)
     print(f"deploy-local with a killed node, wall seconds: {time.perf_counter() - t0:.1f}")
     assert not failures, failures
     assert "killed" in chaos and "restarted" in chaos

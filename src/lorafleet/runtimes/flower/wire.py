@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from lorafleet.algorithms.base import ClientResult, Payload, Tensors
 from lorafleet.errors import UpdateRejected
+from lorafleet.runtimes.flower.link import FAILURE, failure_record
 
 __all__ = [
     "ClientReply",
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 PAYLOAD, BASE_DELTA, META = "payload", "base_delta", "lorafleet"
-UPDATE, METRICS, FAILURE = "update", "metrics", "failure"
+UPDATE, METRICS = "update", "metrics"
 
 
 def _tensors_record(tensors: Tensors) -> ArrayRecord:
@@ -130,11 +131,6 @@ def update_record(result: ClientResult, tokens: int) -> RecordDict:
     metrics["tokens"] = int(tokens)
     return RecordDict({UPDATE: _tensors_record(result.tensors),
                        METRICS: MetricRecord(metrics)})
-
-
-def failure_record(reason: str) -> RecordDict:
-    """A client's reply content when its training failed (``reason``: one line)."""
-    return RecordDict({FAILURE: ConfigRecord({"reason": reason})})
 
 
 @dataclass
