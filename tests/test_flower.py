@@ -42,6 +42,7 @@ from lorafleet.runtimes.flower.wire import (
     payload_record,
     read_payload,
     read_reply,
+    records_to_tensors,
     update_record,
 )
 from lorafleet.runtimes.local import run_local
@@ -300,8 +301,16 @@ def _tampering_app(kind: str) -> ClientApp:
             return Message(content, reply_to=msg)
         if kind == "raises":
             raise RuntimeError("device ran out of memory")
-        update = content["update"]
-        assert isinstance(update, ArrayRecord)
+        packed = content["update"]
+        assert isinstance(packed, ArrayRecord) and list(packed) == ["safetensors"]
+        if kind == "not safetensors":
+            packed["safetensors"] = Array(dtype="uint8", shape=(5,), stype="safetensors",
+                                          data=b"junk!")
+            return Message(content, reply_to=msg)
+        # One numpy Array per tensor, which readers also accept, to tamper with one of them.
+        update = ArrayRecord({k: Array(v.numpy()) for k, v in
+                              records_to_tensors(packed, 0).items()})
+        content["update"] = update
         key = next(k for k in update if k.endswith("lora_A"))
         value = update[key].numpy()
         if kind == "nan":
@@ -320,6 +329,8 @@ def _tampering_app(kind: str) -> ClientApp:
             del update[key]
         elif kind == "not numeric":
             update[key] = Array(np.array(["rm -rf"]))
+        elif kind == "twice":
+            update["safetensors"] = packed["safetensors"]
         return Message(content, reply_to=msg)
 
     return tamper
@@ -333,6 +344,8 @@ def _tampering_app(kind: str) -> ClientApp:
     ("unknown key", "unknown keys ['evil.lora_A']"),
     ("missing key", "missing keys"),
     ("not numeric", "is not a numeric array"),
+    ("not safetensors", "safetensors is not a safetensors file"),
+    ("twice", "comes twice"),
     ("raises", "client failed: RuntimeError: device ran out of memory"),
 ])
 def test_a_malformed_update_is_rejected_and_the_round_completes(

@@ -43,7 +43,7 @@ from lorafleet.runtimes.flower.link import (
 from lorafleet.runtimes.flower.node import ResidentTrainer, bind_socket, ping
 from lorafleet.runtimes.flower.node import serve as serve_trainer
 from lorafleet.runtimes.flower.training import ExperimentCache
-from lorafleet.runtimes.flower.wire import payload_record, read_reply
+from lorafleet.runtimes.flower.wire import payload_record, records_to_tensors
 from lorafleet.runtimes.local import run_local
 from lorafleet.runtimes.session import FederatedSession
 
@@ -135,7 +135,9 @@ def test_the_link_carries_records_bit_for_bit_in_order(sockets):
         "payload": ArrayRecord({"z.lora_A": Array(gen.standard_normal((2, 5)).astype("f4")),
                                 "a.lora_B": Array(gen.standard_normal((6, 2)).astype("f4")),
                                 "half": Array(np.arange(4, dtype=np.float16)),
-                                "empty": Array(np.zeros((0, 3), dtype=np.float32))}),
+                                "empty": Array(np.zeros((0, 3), dtype=np.float32)),
+                                "packed": Array(dtype="uint8", shape=(3,), stype="safetensors",
+                                                data=b"\x00\x01\x02")}),
         "lorafleet": ConfigRecord({"round": 3, "scaling": json.dumps({"q": 16 / 3}),
                                    "flags": [True, False], "ratio": 0.1 + 0.2}),
         "metrics": MetricRecord({"loss": 1 / 3, "tokens": 96}),
@@ -147,8 +149,8 @@ def test_the_link_carries_records_bit_for_bit_in_order(sockets):
     assert isinstance(before, ArrayRecord) and isinstance(after, ArrayRecord)
     assert list(after.keys()) == list(before.keys())
     for key in before:
-        x, y = before[key].numpy(), after[key].numpy()
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+        x, y = before[key], after[key]
+        assert (x.dtype, x.shape, x.stype, x.data) == (y.dtype, y.shape, y.stype, y.data), key
     assert dict(back["lorafleet"].items()) == dict(content["lorafleet"].items())  # type: ignore[union-attr]
     assert back["metrics"]["tokens"] == 96 and isinstance(back["metrics"]["tokens"], int)  # type: ignore[index]
 
@@ -165,8 +167,8 @@ def test_the_link_carries_records_bit_for_bit_in_order(sockets):
         header, echoed = call(sockets / "echo.sock", {"op": "echo"}, content, timeout=30)
         thread.join()
     assert header == {"op": "reply"}
-    assert echoed["payload"]["z.lora_A"].numpy().tobytes() == \
-        before["z.lora_A"].numpy().tobytes()  # type: ignore[index]
+    for key in before:
+        assert echoed["payload"][key].data == before[key].data  # type: ignore[index]
     assert not (sockets / "echo.sock").exists()  # removed with the listener
 
 
@@ -177,6 +179,10 @@ def test_the_link_carries_records_bit_for_bit_in_order(sockets):
     ([{"name": "p", "kind": "arrays", "keys": []}], {"p/x": np.ones(1)},
      "holds arrays no record names"),
     ([{"name": "a/b", "kind": "config", "values": {}}], {}, "holds '/'"),
+    ([{"name": "p", "kind": "arrays", "keys": ["x"], "packed": ["y"]}], {"p/x": np.ones(1)},
+     "packed keys are not among its keys"),
+    ([{"name": "p", "kind": "arrays", "keys": ["x"], "packed": ["x"]}], {"p/x": np.ones(2)},
+     "a packed array must be uint8 bytes"),
     ([{"name": "c", "kind": "config", "values": {"x": None}}], {}, "record 'c'"),
     ([{"name": "c", "kind": "config", "values": {}}, {"name": "c", "kind": "config",
                                                       "values": {}}], {}, "repeated"),
@@ -311,8 +317,13 @@ def test_stale_and_misrouted_requests_are_refused_with_a_logged_reason(built, ca
 
 
 def _tamper(content: RecordDict, kind: str) -> RecordDict:
-    payload = content["payload"]
-    assert isinstance(payload, ArrayRecord)
+    """``content`` with its payload malformed as ``kind`` (unpacked to one numpy Array per
+    tensor, which readers also accept, to tamper with one)."""
+    packed = content["payload"]
+    assert isinstance(packed, ArrayRecord)
+    payload = ArrayRecord({k: Array(v.numpy()) for k, v in
+                           records_to_tensors(packed, 0).items()})
+    content["payload"] = payload
     key = next(k for k in payload if k.endswith("lora_A"))
     value = payload[key].numpy().copy()
     if kind == "nan":
@@ -477,7 +488,7 @@ json.dump({"heavy": sorted(m for m in ("torch", "transformers", "peft", "lorafle
                             if m in sys.modules),
            "partition": asked.content["node"]["partition-id"],
            "keys": list(update.keys()), "metrics": dict(reply.content["metrics"]),
-           "bytes": {k: update[k].numpy().tobytes().hex() for k in update}},
+           "bytes": {k: update[k].data.hex() for k in update}},
           open(work / "out.json", "w"))
 """
 
@@ -504,11 +515,11 @@ def test_the_thin_clientapp_imports_neither_torch_nor_transformers(tmp_path, soc
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["heavy"] == [] and out["partition"] == 0
     assert trainer.trained == 1
-    here = read_reply(train_reply(content, 0, experiments=cache), client=0)  # in place
-    assert here.result is not None and out["keys"] == list(here.result.tensors)
-    for key, value in here.result.tensors.items():
-        assert value.numpy().tobytes().hex() == out["bytes"][key], key
-    assert out["metrics"]["tokens"] == here.tokens
+    here = train_reply(content, 0, experiments=cache)  # the previous mode, in place
+    update = here["update"]
+    assert isinstance(update, ArrayRecord) and out["keys"] == list(update) == ["safetensors"]
+    assert update["safetensors"].data.hex() == out["bytes"]["safetensors"]  # bit for bit
+    assert out["metrics"] == dict(here["metrics"].items())  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -11,8 +11,10 @@ The body holds every array of the frame (``safetensors.numpy``: dtype, shape and
 little-endian bytes; no code). Flower content (a ``RecordDict``) crosses as the header's
 ``records`` list, in order:
 
-- an ``ArrayRecord`` ``name`` as ``{"name": name, "kind": "arrays", "keys": [...]}``, its
-  arrays in the body as ``"<name>/<key>"`` (the list keeps their order);
+- an ``ArrayRecord`` ``name`` as ``{"name": name, "kind": "arrays", "keys": [...],
+  "packed": [...]}``, its arrays in the body as ``"<name>/<key>"`` (the list keeps their
+  order); ``packed`` names those that hold a safetensors file of their own (lorafleet's
+  wire format, :data:`PACKED_STYPE`), which cross as their raw bytes;
 - a ``ConfigRecord`` as ``{"kind": "config", "values": {...}}`` and a ``MetricRecord`` as
   ``{"kind": "metrics", "values": {...}}`` (JSON numbers, strings, booleans and lists; JSON
   floats round-trip exactly; ``bytes`` values are not carried).
@@ -54,6 +56,7 @@ __all__ = [
     "MAX_BODY",
     "MAX_HEADER",
     "MAX_SOCKET_PATH",
+    "PACKED_STYPE",
     "LinkError",
     "TrainerUnreachable",
     "call",
@@ -72,6 +75,7 @@ MAX_BODY = 1 << 40  # arrays: a sanity bound on the length field, not a quota
 # sockaddr_un.sun_path holds 108 bytes on Linux, the terminating NUL included.
 MAX_SOCKET_PATH = 107
 FAILURE = "failure"  # the reply record of a client that did not train (wire.FAILURE)
+PACKED_STYPE = "safetensors"  # a Flower Array whose data is a safetensors file (wire.py)
 _KINDS = ("arrays", "config", "metrics")
 
 
@@ -117,7 +121,11 @@ def content_to_frame(content: RecordDict) -> tuple[list[dict[str, Any]], dict[st
             raise LinkError(f"record name {name!r} holds '/'")
         if isinstance(record, ArrayRecord):
             keys = list(record.keys())
+            packed = [k for k in keys if record[k].stype == PACKED_STYPE]
             for key in keys:
+                if key in packed:  # its bytes, as they are: the reader parses them
+                    arrays[f"{name}/{key}"] = np.frombuffer(record[key].data, dtype=np.uint8)
+                    continue
                 try:
                     array = np.ascontiguousarray(record[key].numpy())
                 except (TypeError, ValueError) as err:
@@ -127,7 +135,7 @@ def content_to_frame(content: RecordDict) -> tuple[list[dict[str, Any]], dict[st
                     raise LinkError(f"array {name}/{key} is not a numeric array (dtype "
                                     f"{array.dtype.str})")
                 arrays[f"{name}/{key}"] = array
-            records.append({"name": name, "kind": "arrays", "keys": keys})
+            records.append({"name": name, "kind": "arrays", "keys": keys, "packed": packed})
         else:
             kind = "config" if isinstance(record, ConfigRecord) else "metrics"
             values = dict(record.items())
@@ -169,9 +177,12 @@ def frame_to_content(records: object, arrays: Mapping[str, np.ndarray]) -> Recor
                 if missing:
                     raise LinkError(f"record {name!r} names arrays the body lacks: "
                                     f"{missing[:3]}")
+                packed = spec.get("packed", [])
+                if not isinstance(packed, list) or not set(packed) <= set(keys):
+                    raise LinkError(f"record {name!r}'s packed keys are not among its keys")
                 named.update(f"{name}/{k}" for k in keys)
-                content[name] = ArrayRecord(
-                    {k: Array(np.asarray(arrays[f"{name}/{k}"])) for k in keys})
+                content[name] = ArrayRecord({k: _array(arrays[f"{name}/{k}"], k in packed)
+                                             for k in keys})
             else:
                 values = spec.get("values")
                 if not isinstance(values, dict):
@@ -186,6 +197,15 @@ def frame_to_content(records: object, arrays: Mapping[str, np.ndarray]) -> Recor
     if extra:
         raise LinkError(f"the body holds arrays no record names: {extra[:3]}")
     return content
+
+
+def _array(value: np.ndarray, packed: bool) -> Array:
+    if not packed:
+        return Array(np.asarray(value))
+    if value.dtype != np.uint8 or value.ndim != 1:
+        raise LinkError(f"a packed array must be uint8 bytes, got {value.dtype} "
+                        f"{tuple(value.shape)}")
+    return Array(dtype="uint8", shape=(len(value),), stype=PACKED_STYPE, data=value.tobytes())
 
 
 # ----------------------------------------------------------------------------- frames
