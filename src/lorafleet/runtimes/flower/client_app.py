@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from lorafleet.runtimes.flower.link import LINK_VERSION, LinkError, call, failure_record
-from lorafleet.runtimes.trace import trace, tracing
+from lorafleet.runtimes.trace import process_created, trace, tracing
 
 __all__ = ["DATA_PATH", "PARTITION_ID", "SPLIT_REFUSAL", "TRAINER_SOCKET", "app",
            "forward_train", "partition_of", "query_reply"]
@@ -96,11 +96,9 @@ def forward_train(socket_path: str, msg: Message, context: Context) -> RecordDic
         log.warning("client %d: %s", partition, err)
         return failure_record(f"client failed: {err}".splitlines()[0])
     if tracing():
-        import psutil
-
         meta = msg.content["lorafleet"] if "lorafleet" in msg.content else ConfigRecord()
         trace("clientapp", mode="resident", round=meta.get("round"), client=partition,
-              created=psutil.Process().create_time(), entered=entered,
+              created=process_created(), entered=entered,
               setup_s=time.perf_counter() - t0 - sum(timings.values()), **timings)
     return content
 

@@ -36,7 +36,7 @@ from lorafleet.runtimes.session import (
     make_trainer,
     train_client,
 )
-from lorafleet.runtimes.trace import trace, tracing
+from lorafleet.runtimes.trace import process_created, trace, tracing
 from lorafleet.runtimes.validation import validate_update
 
 __all__ = ["PROCESS_EXPERIMENTS", "ExperimentCache", "OrderRefused", "check_order",
@@ -273,10 +273,8 @@ def train_reply(content: RecordDict, partition_id: int, data_path: str | None = 
     t_train = time.perf_counter()
     reply = reply_content(outcome)
     if tracing():
-        import psutil
-
         trace("clientapp", mode="in-process", round=order.round, client=partition_id,
-              created=psutil.Process().create_time(), entered=entered,
+              created=process_created(), entered=entered,
               import_s=t_import - t0, decode_s=t_decode - t_import, build_s=t_build - t_decode,
               train_s=t_train - t_build, encode_s=time.perf_counter() - t_train)
     return reply
