@@ -424,9 +424,11 @@ class Deployment:
             for p in victims:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
-        psutil.wait_procs(victims, timeout=5.0)
+        # Reap the process we started first, so that its Popen keeps the status (-9);
+        # reaped by psutil, Popen would report 0.
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process(name).wait(timeout=5.0)
+        psutil.wait_procs(victims, timeout=5.0)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Terminate every process (SIGTERM, then SIGKILL after ``timeout``) and reap them."""
@@ -436,7 +438,13 @@ class Deployment:
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(alive, timeout=timeout)
+        # Reap the processes started here through their Popen first, so that their exit
+        # status is kept (psutil would reap them and leave Popen a made-up 0).
+        deadline = time.monotonic() + timeout
+        for _, proc in list(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        _, alive = psutil.wait_procs(alive, timeout=max(0.0, deadline - time.monotonic()))
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.kill()
