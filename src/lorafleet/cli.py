@@ -281,9 +281,12 @@ def flower_app(
         _fail(str(err))
         return
     clients = f" (one per client, 0..{cfg.num_clients - 1})" if cfg else ""
+    experiment = f" --config {app_dir / 'experiment.yaml'}" if cfg else ""
     out_console.print(
-        f"wrote {app_dir / 'app'} and {run_config}. Start flower-supernode --node-config "
-        f"\"partition-id=I\" on each device{clients}, then on this machine:\n"
+        f"wrote {app_dir / 'app'} and {run_config}. On each device{clients} start its resident "
+        f"trainer, lorafleet node --partition-id I --socket SOCKET{experiment} (copy the file "
+        f"there), and flower-supernode --node-config 'partition-id=I trainer-socket=\"SOCKET\"' "
+        f"(see docs/deploy.md); then on this machine:\n"
         f"  flwr run {app_dir.resolve() / 'app'} CONNECTION --run-config {run_config} --stream",
         highlight=False, soft_wrap=True)
 
