@@ -15,7 +15,9 @@ classifier). Per model, four process trees, interleaved (reversed every repeat):
   thin ClientApp forwards each message over a Unix socket);
 - ``floor``: the ``previous`` deployment with a ClientApp that does nothing (it imports
   only flwr and echoes the payload's arrays back as the update: the same messages, the same
-  bytes, the same server work), i.e. Flower's own round trip.
+  bytes, the same server work), i.e. Flower's own round trip;
+- ``flower-sim`` (not run unless named in ``--kinds``): ``lorafleet run --runtime
+  flower-sim``, Flower's Simulation Engine on Ray.
 
 Per-round wall time comes from each run's ``metrics.jsonl`` (``wall_seconds`` of
 consecutive rows); round 1 is left out (it holds the roll call and, without resident
@@ -152,6 +154,8 @@ def command(kind: str, out: Path, sets: list[str]) -> list[str]:
     args = [a for s in sets for a in ("--set", s)]
     if kind == "local":
         return [cli, "run", "--quiet", "--out", str(out), *args]
+    if kind == "flower-sim":
+        return [cli, "run", "--quiet", "--runtime", "flower-sim", "--out", str(out), *args]
     if kind == "floor":
         return [sys.executable, __file__, "--floor-run", str(out), *args]
     deploy = [cli, "deploy-local", "--nodes", "2", "--node-wait", "60", "--out", str(out)]
@@ -182,7 +186,7 @@ def run_once(kind: str, work: Path, model: str, sets: list[str], rep: int) -> di
     env = {**os.environ, "LORAFLEET_TRACE": str(trace_path), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "FLWR_TELEMETRY_ENABLED": "0"}
     env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
-    if kind != "local":
+    if kind not in ("local", "flower-sim"):
         env["FLWR_LOG_LEVEL"] = "DEBUG"  # Flower's log lines then carry timestamps
         if "@" in kind:
             env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = kind.split("@")[1]
@@ -195,7 +199,7 @@ def run_once(kind: str, work: Path, model: str, sets: list[str], rep: int) -> di
         raise SystemExit(f"{model} {kind} failed (status {done.returncode}); see {log.name}")
     events = [json.loads(line) for line in trace_path.read_text().splitlines()]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    node_log = node_log_times(out / "deploy") if kind != "local" else {}
+    node_log = node_log_times(out / "deploy") if (out / "deploy").is_dir() else {}
     return analyse(kind, events, rows, t_launch, t_exit, node_log)
 
 
@@ -350,8 +354,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--kinds", default=",".join(KINDS),
-                        help=f"comma-separated, of {', '.join(KINDS)}; KIND@S: with the "
-                        "SuperExec polling every S seconds")
+                        help=f"comma-separated, of {', '.join(KINDS)}, flower-sim; KIND@S: "
+                        "with the SuperExec polling every S seconds")
     parser.add_argument("--quick", action="store_true", help="tiny model only, 3 rounds")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
