@@ -564,7 +564,8 @@ def test_deploy_local_with_resident_trainers_gives_the_local_run(tmp_path, tiny_
         assert dep.process(f"trainer-{i}").returncode == 0
         text = (tmp_path / "deployed" / "deploy" / f"trainer-{i}.log").read_text()
         assert text.count("built the experiment") == 1, text
-        assert f"client {i}: resident trainer stopped (2 trained, 0 refused)" in text, text
+        assert f"client {i}: resident trainer stopped (2 trained, 0 refused, 1 experiment " \
+               "built)" in text, text  # built before round 1, never again
 
 
 @pytest.mark.slow
@@ -622,4 +623,5 @@ def test_a_trainer_killed_mid_round_drops_its_node_and_serves_again_once_restart
     names = [name for name, _ in dep.procs]
     assert names.count("trainer-1") == 2 and _gone(dep.seen)
     log_text = (tmp_path / "run" / "deploy" / "trainer-1.log").read_text()
-    assert "client 1: resident trainer stopped (1 trained, 0 refused)" in log_text, log_text
+    assert "client 1: resident trainer stopped (1 trained, 0 refused, 1 experiment built)" \
+        in log_text, log_text

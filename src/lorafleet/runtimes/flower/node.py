@@ -408,6 +408,8 @@ def run_node(socket_path: str | Path, partition_id: int, *, config: Path | None 
                       soft_wrap=True)
 
     serve(target, trainer, on_ready=ready)
+    builds = trainer.experiments.builds
     console.print(f"client {partition_id}: resident trainer stopped ({trainer.trained} "
-                  f"trained, {trainer.refused} refused)", highlight=False, soft_wrap=True)
+                  f"trained, {trainer.refused} refused, {builds} experiment"
+                  f"{'' if builds == 1 else 's'} built)", highlight=False, soft_wrap=True)
     return trainer
