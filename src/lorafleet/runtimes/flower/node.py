@@ -32,7 +32,12 @@ waits in the socket's queue). SIGTERM or SIGINT stops it cleanly, also mid-train
 request gets no reply, which its ClientApp reports as a failure). The socket file is created
 beside its final name, made 0600 and renamed into place once it listens, and removed at exit
 if it is still this trainer's; a stale file left by a killed trainer is replaced. The trainer
-writes no other file.
+writes no other file (a SIGTERM while it still builds, before the socket exists, simply ends
+it).
+
+Only ``train`` is served: lorafleet's strategy evaluates the global model on the server, as
+the local runtime does (``configure_evaluate`` sends nothing). An ``evaluate`` op would be
+one more branch of :meth:`ResidentTrainer.handle`.
 """
 
 from __future__ import annotations
