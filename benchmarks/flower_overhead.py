@@ -316,8 +316,8 @@ def analyse(kind: str, events: list[dict[str, Any]], rows: list[dict[str, Any]],
             back.get("sending"))
         put("SuperNode pushes the reply's objects to the SuperLink", back.get("sending"),
             back.get("sent"))
-        put("SuperNode sent -> server has it (ServerApp poll 0.1 s)", back.get("sent"),
-            rep["t"])
+        put("SuperNode sent -> server has it (ServerApp poll 0.1 s, pulls the objects)",
+            back.get("sent"), rep["t"])
         record["push -> reply (the message's round trip)"] = rep["t"] - push["t"]
         record["round trip - train"] = rep["t"] - push["t"] - train_s
         result["messages"].append(record)
@@ -341,7 +341,7 @@ MESSAGE_STEPS = (
     "train (2 steps)",
     "ClientApp done -> SuperNode sends the reply (its 0.5 s reply poll)",
     "SuperNode pushes the reply's objects to the SuperLink",
-    "SuperNode sent -> server has it (ServerApp poll 0.1 s)",
+    "SuperNode sent -> server has it (ServerApp poll 0.1 s, pulls the objects)",
     "push -> reply (the message's round trip)",
     "round trip - train",
 )
