@@ -111,6 +111,9 @@ def test_payload_and_update_cross_as_flower_arrays_bit_for_bit():
     assert order.base_delta["q"].shape == (6, 5)
     for key, value in payload.tensors.items():
         assert torch.equal(order.payload.tensors[key], value)
+    # The order is kept (safetensors sorts by name): the client's gradient clipping sums
+    # the parameters' norms in this order.
+    assert list(order.payload.tensors) == ["q.lora_A", "q.lora_B", "classifier.weight"]
     result = ClientResult(tensors={k: v + 1 for k, v in payload.tensors.items()},
                           num_examples=7, metrics={"loss": 0.25, "steps": 2.0})
     reply = read_reply(update_record(result, tokens=96), client=1)
@@ -119,6 +122,7 @@ def test_payload_and_update_cross_as_flower_arrays_bit_for_bit():
     assert reply.result.num_examples == 0  # the server's to set, not the client's
     for key, value in result.tensors.items():
         assert torch.equal(reply.result.tensors[key], value)
+    assert list(reply.result.tensors) == list(result.tensors)
     failed = read_reply(failure_record("client failed: RuntimeError: oom"), client=1)
     assert failed.result is None and failed.failure == "client failed: RuntimeError: oom"
 
@@ -307,6 +311,14 @@ def _tampering_app(kind: str) -> ClientApp:
             packed["safetensors"] = Array(dtype="uint8", shape=(5,), stype="safetensors",
                                           data=b"junk!")
             return Message(content, reply_to=msg)
+        if kind == "bad order":
+            from safetensors.torch import save
+
+            tensors = records_to_tensors(packed, 0)
+            blob = save(tensors, metadata={"lorafleet.order": '["evil.lora_A"]'})
+            packed["safetensors"] = Array(dtype="uint8", shape=(len(blob),),
+                                          stype="safetensors", data=blob)
+            return Message(content, reply_to=msg)
         # One numpy Array per tensor, which readers also accept, to tamper with one of them.
         update = ArrayRecord({k: Array(v.numpy()) for k, v in
                               records_to_tensors(packed, 0).items()})
@@ -345,6 +357,7 @@ def _tampering_app(kind: str) -> ClientApp:
     ("missing key", "missing keys"),
     ("not numeric", "is not a numeric array"),
     ("not safetensors", "safetensors is not a safetensors file"),
+    ("bad order", "safetensors's lorafleet.order does not name its tensors"),
     ("twice", "comes twice"),
     ("raises", "client failed: RuntimeError: device ran out of memory"),
 ])

@@ -234,8 +234,11 @@ def test_resident_trainers_give_the_local_run(tmp_path, sockets, tiny_bert_dir, 
                                               algorithm):
     """Three clients trained by resident trainers through the thin ClientApp and the link:
     the local runtime's adapter (or merged model), metrics and summary exactly; each
-    trainer built its experiment once, before the first round, and trained every round."""
-    cfg = _config(tiny_bert_dir, tiny_text_csv, algorithm=algorithm)
+    trainer built its experiment once, before the first round, and trained every round.
+    The gradient is clipped hard, so that the clipping is active: its norm sums over the
+    payload's tensors in their order, which the wire must keep."""
+    cfg = _config(tiny_bert_dir, tiny_text_csv, algorithm=algorithm,
+                  **{"train.grad_clip": 0.001})
     run_local(cfg, tmp_path / "local", progress=False)
     flower_cfg = cfg.model_copy(update={"runtime": "flower-sim"})  # not a built-in field
     trainers = [ResidentTrainer(i) for i in range(3)]

@@ -57,11 +57,41 @@ PAYLOAD, BASE_DELTA, META = "payload", "base_delta", "lorafleet"
 UPDATE, METRICS = "update", "metrics"
 
 
+ORDER = "lorafleet.order"  # safetensors metadata: the tensors' names in their dict order
+
+
 def _tensors_record(tensors: Tensors) -> ArrayRecord:
-    """``tensors`` as an ArrayRecord of one packed Array (a safetensors file)."""
-    blob = save_tensors({k: v.detach().contiguous() for k, v in tensors.items()})
+    """``tensors`` as an ArrayRecord of one packed Array (a safetensors file).
+
+    safetensors stores tensors sorted by dtype and name; their dict order is kept in the
+    file's metadata and restored on reading, because it matters: a client's trainer clips
+    the gradient norm summed over its parameters in the payload's order.
+    """
+    blob = save_tensors({k: v.detach().contiguous() for k, v in tensors.items()},
+                        metadata={ORDER: json.dumps(list(tensors))})
     return ArrayRecord({PACKED_STYPE: Array(dtype="uint8", shape=(len(blob),),
                                             stype=PACKED_STYPE, data=blob)})
+
+
+def _unpack(data: bytes, key: str, client: int) -> Tensors:
+    """The tensors of a packed Array's safetensors file, in the order its metadata names.
+
+    Raises:
+        UpdateRejected: not a safetensors file, or an order that does not name its tensors.
+    """
+    try:
+        packed = load_tensors(data)
+        # The file's header: its length (u64, little-endian), then JSON (safetensors' format).
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        order = json.loads((header.get("__metadata__") or {}).get(ORDER, "null"))
+    except (SafetensorError, ValueError, AttributeError) as err:
+        raise UpdateRejected(client, f"{key} is not a safetensors file "
+                             f"({err})".splitlines()[0]) from None
+    if order is None:
+        return packed
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(packed):
+        raise UpdateRejected(client, f"{key}'s {ORDER} does not name its tensors")
+    return {name: packed[name] for name in order}
 
 
 def records_to_tensors(record: ArrayRecord, client: int) -> Tensors:
@@ -81,12 +111,7 @@ def records_to_tensors(record: ArrayRecord, client: int) -> Tensors:
 
     for key, array in record.items():
         if array.stype == PACKED_STYPE:
-            try:
-                packed = load_tensors(bytes(array.data))
-            except SafetensorError as err:
-                raise UpdateRejected(client, f"{key} is not a safetensors file "
-                                     f"({err})".splitlines()[0]) from None
-            for name, value in packed.items():
+            for name, value in _unpack(bytes(array.data), key, client).items():
                 put(name, value)
             continue
         try:
