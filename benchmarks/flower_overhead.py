@@ -1,27 +1,41 @@
-"""Flower's overhead per round: flower-sim and deploy-local vs the local runtime, and where it goes.
+"""Flower's overhead per round: deploy-local with resident trainers, without them, and a no-op
+floor, vs the local runtime, on three models; and where a train message's time goes.
 
-The same tiny experiment (a random 2-layer BERT, hidden 32, with the MiniLM tokenizer; 2
-clients, FSLoRA with sketch ranks [2, 4] of rank 4, 2 local steps of batch 4 x 24 tokens,
-evaluation every round on 60 sentences; ``--model minilm``: the shipped all-MiniLM-L6-v2
-instead) runs as three CLI commands, each a fresh process tree:
+The same small experiment (2 clients, FSLoRA with sketch ranks [2, 4] of rank 4, 2 local
+steps of batch 4 x 24 tokens, evaluation every round on 12 sentences, ``threads: 1``) on
+three models: ``tiny`` (a random 2-layer BERT, hidden 32, with the MiniLM tokenizer),
+``minilm`` (the shipped all-MiniLM-L6-v2) and ``smollm2`` (the shipped SmolLM2-135M as a
+classifier). Per model, four process trees, interleaved (reversed every repeat):
 
-- ``lorafleet run`` (local runtime),
-- ``lorafleet run --runtime flower-sim`` (Flower's Simulation Engine on Ray),
-- ``lorafleet deploy-local --nodes 2`` (flower-superlink, 2 flower-supernodes, ``flwr run``).
+- ``local``: ``lorafleet run`` (the local runtime);
+- ``previous``: ``lorafleet deploy-local --no-resident`` (flower-superlink, 2
+  flower-supernodes, ``flwr run``; each ClientApp process imports torch and builds the
+  experiment, since Flower 1.41 starts a process per message);
+- ``resident``: ``lorafleet deploy-local`` (the same, plus a resident trainer per node: the
+  thin ClientApp forwards each message over a Unix socket);
+- ``floor``: the ``previous`` deployment with a ClientApp that does nothing (it imports
+  only flwr and echoes the payload's arrays back as the update: the same messages, the same
+  bytes, the same server work), i.e. Flower's own round trip;
+- ``flower-sim`` (not run unless named in ``--kinds``): ``lorafleet run --runtime
+  flower-sim``, Flower's Simulation Engine on Ray.
 
-Runs are interleaved (local, sim, deploy, then the reverse order, ...). Per-round wall time
-comes from the run's own ``metrics.jsonl`` (``wall_seconds`` of consecutive rows); round 1 is
-reported apart (on Flower it also holds the roll call, and on flower-sim Ray's start-up),
-the later rounds' median is the steady state. Where the time goes is measured, not guessed:
-with ``LORAFLEET_TRACE`` set, every process of a run (ServerApp, each ClientApp process or
-Ray actor) appends timestamped events (``lorafleet.runtimes.trace``): when each train
-message was pushed, when the ClientApp process was created (psutil) and entered the
-handler, its import, decode, experiment-build, train and encode times, when the server
-pulled the reply, its decode time, and each round's aggregate + evaluation + checkpoint.
-On deploy-local the SuperNodes log with timestamps (``FLWR_LOG_LEVEL=DEBUG``, Flower's own
-switch): their "Receiving"/"Sending" lines, matched by message id, split the trips between
-the SuperLink and the ClientApp process. The medians over all train messages of all
-repeats are reported.
+Per-round wall time comes from each run's ``metrics.jsonl`` (``wall_seconds`` of
+consecutive rows); round 1 is left out (it holds the roll call and, without resident
+trainers, the first build), the median of the later rounds is the steady state. Where the
+time goes is measured, not guessed: with ``LORAFLEET_TRACE`` every process (ServerApp,
+ClientApp processes, resident trainers) appends timestamped events (when each train message
+was pushed, its ClientApp process created and its handler entered, the link and trainer
+steps, when the server pulled the reply), and with ``FLWR_LOG_LEVEL=DEBUG`` the SuperNodes'
+log lines (Flower's "Receiving", "Received successfully", "Sending", "Sent successfully",
+and the ``flwr-clientapp`` process's own lines) carry timestamps that split the trips
+between the SuperLink, the SuperNode and the ClientApp process. Medians over all train
+messages of rounds >= 2 are reported.
+
+A kind ``KIND@S`` (e.g. ``--kinds local,resident,floor,resident@0.1,floor@0.1``) runs
+``KIND`` with Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=S`` (seconds between the
+SuperExec's polls for a new ClientApp task; Flower's default is 1 s), interleaved with the
+others: the one Flower setting that shortens the floor here (the SuperNode's 3 s idle poll
+and 0.5 s reply poll are fixed in Flower 1.41).
 """
 
 from __future__ import annotations
@@ -41,7 +55,53 @@ from typing import Any
 
 from _common import banner, conditions, median, spread, table
 
-KINDS = ("local", "flower-sim", "deploy-local")
+KINDS = ("local", "previous", "resident", "floor")
+MODELS = ("tiny", "minilm", "smollm2")
+
+FLOOR_CLIENTAPP = '''\
+"""A ClientApp that does nothing: Flower's own round trip (benchmarks/flower_overhead.py)."""
+
+import json
+import os
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+def _created():  # as lorafleet.runtimes.trace.process_created
+    with open("/proc/self/stat", encoding="ascii") as f:
+        started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+
+
+def _trace(**fields):
+    path = os.environ.get("LORAFLEET_TRACE")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"t": time.time(), "pid": os.getpid(), **fields}) + "\\n")
+
+
+@app.train()
+def train(msg, context):
+    entered = time.time()
+    payload = msg.content["payload"]
+    meta = msg.content["lorafleet"]
+    reply = RecordDict({"update": ArrayRecord(dict(payload.items())),
+                        "metrics": MetricRecord({"tokens": 0})})
+    _trace(event="clientapp", mode="floor", round=meta["round"],
+           client=int(context.node_config["partition-id"]),
+           created=_created(), entered=entered)
+    return Message(reply, reply_to=msg)
+
+
+@app.query()
+def query(msg, context):
+    node = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(RecordDict({"node": node}), reply_to=msg)
+'''
 
 
 def tiny_model(out: Path) -> Path:
@@ -89,44 +149,73 @@ def overrides(model: str, csv_path: Path, rounds: int) -> list[str]:
 
 
 def command(kind: str, out: Path, sets: list[str]) -> list[str]:
+    kind = kind.split("@")[0]
     cli = str(Path(sys.executable).parent / "lorafleet")
     args = [a for s in sets for a in ("--set", s)]
     if kind == "local":
         return [cli, "run", "--quiet", "--out", str(out), *args]
     if kind == "flower-sim":
         return [cli, "run", "--quiet", "--runtime", "flower-sim", "--out", str(out), *args]
-    return [cli, "deploy-local", "--nodes", "2", "--node-wait", "60", "--out", str(out), *args]
+    if kind == "floor":
+        return [sys.executable, __file__, "--floor-run", str(out), *args]
+    deploy = [cli, "deploy-local", "--nodes", "2", "--node-wait", "60", "--out", str(out)]
+    return deploy + (["--no-resident"] if kind == "previous" else []) + args
 
 
-def run_once(kind: str, work: Path, sets: list[str], rep: int) -> dict[str, Any]:
+def floor_run(out: Path, sets: list[str]) -> None:
+    """``--floor-run``: deploy-local (no resident trainers) with the no-op ClientApp swapped
+    into the Flower app before ``flwr run`` builds it (the FAB then carries its code)."""
+    from lorafleet.config import load_config
+    from lorafleet.runtimes.flower.deploy import Deployment, deploy_local
+
+    def use_floor_app(dep: Deployment) -> None:
+        app = dep.home / "app"
+        (app / "floor_clientapp.py").write_text(FLOOR_CLIENTAPP)
+        pyproject = app / "pyproject.toml"
+        pyproject.write_text(pyproject.read_text().replace(
+            '"lorafleet.runtimes.flower.client_app:app"', '"floor_clientapp:app"'))
+
+    cfg = load_config(None, sets)
+    deploy_local(cfg, out, nodes=2, node_wait=60.0, resident=False, on_started=use_floor_app)
+
+
+def run_once(kind: str, work: Path, model: str, sets: list[str], rep: int) -> dict[str, Any]:
     """Run one command under a trace; what it measured."""
-    out = work / f"{kind}-{rep}"
-    trace_path = work / f"{kind}-{rep}.trace.jsonl"
+    out = work / f"{model}-{kind}-{rep}"
+    trace_path = work / f"{model}-{kind}-{rep}.trace.jsonl"
     env = {**os.environ, "LORAFLEET_TRACE": str(trace_path), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "FLWR_TELEMETRY_ENABLED": "0"}
-    if kind == "deploy-local":
+    env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
+    if kind not in ("local", "flower-sim"):
         env["FLWR_LOG_LEVEL"] = "DEBUG"  # Flower's log lines then carry timestamps
-    with open(work / f"{kind}-{rep}.log", "wb") as log:
+        if "@" in kind:
+            env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = kind.split("@")[1]
+    with open(work / f"{model}-{kind}-{rep}.log", "wb") as log:
         t_launch = time.time()
         done = subprocess.run(command(kind, out, sets), env=env, stdout=log,
                               stderr=subprocess.STDOUT, check=False)
         t_exit = time.time()
     if done.returncode != 0:
-        raise SystemExit(f"{kind} failed (status {done.returncode}); see {log.name}")
+        raise SystemExit(f"{model} {kind} failed (status {done.returncode}); see {log.name}")
     events = [json.loads(line) for line in trace_path.read_text().splitlines()]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    node_log = node_log_times(out / "deploy") if kind == "deploy-local" else {}
+    node_log = node_log_times(out / "deploy") if (out / "deploy").is_dir() else {}
     return analyse(kind, events, rows, t_launch, t_exit, node_log)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STAMPED = re.compile(r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): +(.*)$")
 _ID = re.compile(r"(Receiving|Sending): train message \(ID: (\w+)\)")
+_CLIENTAPP_LINES = {"[flwr-clientapp] Start FAB installation.": "pulled",
+                    "[flwr-clientapp] Start `ClientApp` Loading.": "loading"}
 
 
 def node_log_times(home: Path) -> dict[str, dict[str, float]]:
-    """From the SuperNodes' logs: message id -> {"receiving", "received"} (a train message
-    pulled from the SuperLink) or {"sending", "sent"} (a reply pushed to it), as Unix time."""
+    """From the SuperNodes' logs, as Unix times: train message id -> ``receiving`` and
+    ``received`` (the SuperNode pulling it from the SuperLink), ``pulled`` (its ClientApp
+    process has its inputs: Python and flwr imported, message pulled from the SuperNode) and
+    ``loading`` (the FAB installed, the ClientApp module about to be imported); reply id ->
+    ``sending`` and ``sent`` (the SuperNode pushing it to the SuperLink)."""
     times: dict[str, dict[str, float]] = {}
     for path in sorted(home.glob("supernode-*.log")):
         current: dict[str, float] | None = None
@@ -135,7 +224,7 @@ def node_log_times(home: Path) -> dict[str, dict[str, float]]:
             if m is None:
                 continue
             t = datetime.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            text = m[2]
+            text = m[2].strip()
             if (found := _ID.search(text)) is not None:
                 current = times.setdefault(found[2], {})
                 current["receiving" if found[1] == "Receiving" else "sending"] = t
@@ -143,6 +232,8 @@ def node_log_times(home: Path) -> dict[str, dict[str, float]]:
                 current["received"] = t
             elif current is not None and text.startswith("Sent successfully"):
                 current["sent"] = t
+            elif current is not None and text in _CLIENTAPP_LINES:
+                current.setdefault(_CLIENTAPP_LINES[text], t)
     return times
 
 
@@ -153,166 +244,215 @@ def _one(events: list[dict[str, Any]], name: str) -> dict[str, Any]:
 def analyse(kind: str, events: list[dict[str, Any]], rows: list[dict[str, Any]],
             t_launch: float, t_exit: float, node_log: dict[str, dict[str, float]]
             ) -> dict[str, Any]:
-    """Phases of the run and, on Flower, one record per train message."""
+    """Phases of the run and, on Flower, one record per train message of rounds >= 2."""
     walls = [float(r["wall_seconds"]) for r in rows]
     per_round = [b - a for a, b in zip(walls, walls[1:], strict=False)]
     opened = _one(events, "session_open")
     ends = [e for e in events if e["event"] == "round_end"]
+    later = [e for e in events if e["event"] == "train_client" and e.get("round", 0) >= 2]
     result: dict[str, Any] = {
         "total": t_exit - t_launch,
         "startup": opened["t"] - t_launch,  # launch -> initial model evaluated (round 0)
-        "session_build": float(opened["seconds"]),  # of which: experiment build + eval
         "round1": per_round[0],
         "steady": median(per_round[1:]),
-        "finish": t_exit - max(e["t"] for e in ends),  # export, summary, shutdown
-        "end_round": median([e["seconds"] for e in ends]),
-        "eval": median([e["eval_s"] for e in ends]),
-        "train_client": median([e["seconds"] for e in events if e["event"] == "train_client"]),
+        "rounds": per_round,
+        "end_round": median([e["seconds"] for e in ends[1:]]),
+        # Training seconds in a round (local: both clients, one after the other).
+        "train_round": sum(e["seconds"] for e in later) / max(1, len({e["round"] for e in later})),
         "messages": [],
     }
     if kind == "local":
         return result
     pushes = {e["message"]: e for e in events if e["event"] == "push" and e["type"] == "train"}
-    queries = [e for e in events if e["event"] == "push" and e["type"] == "query"]
     replies = {e["message"]: e for e in events if e["event"] == "reply"}
     payloads = {(e["round"], e["node"]): e for e in events if e["event"] == "payload"}
-    apps = {(e["round"], e["client"]): e for e in events if e["event"] == "clientapp"}
+    apps = {(int(e["round"]), e["client"]): e for e in events if e["event"] == "clientapp"}
+    trainers = {(e["round"], e["client"]): e for e in events if e["event"] == "trainer"}
     updates = {(e["round"], e["client"]): e for e in events if e["event"] == "update"}
-    first_train = min(p["t"] for p in pushes.values())
-    result["open_to_first_train"] = first_train - opened["t"]
-    if queries:  # the roll call: query pushed -> answer pulled
-        result["roll_call"] = max(replies[q["message"]]["t"] for q in queries
-                                  if q["message"] in replies) - min(q["t"] for q in queries)
     for msg_id, push in pushes.items():
         rnd = int(push["group"])
+        if rnd < 2 or msg_id not in replies:
+            continue
         pay = payloads[(rnd, push["node"])]
-        app, rep, upd = apps[(rnd, pay["client"])], replies[msg_id], updates[(rnd, pay["client"])]
-        in_handler = app["import_s"] + app["decode_s"] + app["build_s"] + app["train_s"] \
-            + app["encode_s"]
-        record = {
-            "round": rnd,
-            "server: plan + encode payload": pay["plan_s"] + pay["encode_s"],
-            "ClientApp: import torch/transformers/lorafleet": app["import_s"],
-            "ClientApp: decode payload": app["decode_s"],
-            "ClientApp: build experiment (model, data)": app["build_s"],
-            "ClientApp: train (2 steps)": app["train_s"],
-            "ClientApp: encode update": app["encode_s"],
-            "reply: ClientApp done -> server has it": rep["t"] - app["t"],
-            "server: decode + check update": upd["decode_s"],
-            "push -> reply (the message's round trip)": rep["t"] - push["t"],
-            "bytes down": pay["bytes"], "bytes up": upd["bytes"],
-        }
-        if kind == "deploy-local":
-            got, back = node_log.get(msg_id, {}), node_log.get(rep.get("id", ""), {})
-            if "receiving" in got and "sending" in back:
-                record.update({
-                    "push -> SuperNode pulls it (SuperNode poll)": got["receiving"] - push["t"],
-                    "SuperNode pulls it -> ClientApp process exists (SuperExec poll, spawn)":
-                        app["created"] - got["receiving"],
-                    "  (SuperNode pulling the message's objects, overlaps)":
-                        got["received"] - got["receiving"],
-                    "  ClientApp done -> SuperNode sends reply": back["sending"] - app["t"],
-                    "  SuperNode sending reply": back["sent"] - back["sending"],
-                    "  SuperNode sent -> server has it (ServerApp poll)":
-                        rep["t"] - back["sent"],
-                })
-            record["push -> ClientApp process exists"] = app["created"] - push["t"]
-            record["ClientApp process start -> handler"] = app["entered"] - app["created"]
-        else:
-            record["push -> handler entered (Ray actor)"] = app["entered"] - push["t"]
-        record["in handler (sum)"] = in_handler
+        key = (rnd, pay["client"])
+        app, rep, upd = apps[key], replies[msg_id], updates[key]
+        got, back = node_log.get(msg_id, {}), node_log.get(rep.get("id", ""), {})
+        record: dict[str, Any] = {"round": rnd, "bytes down": pay["bytes"],
+                                  "bytes up": upd["bytes"]}
+
+        def put(name: str, start: float | None, end: float | None) -> None:
+            if start is not None and end is not None:
+                record[name] = end - start  # noqa: B023 - used at once
+
+        put("push -> SuperNode pulls it (its idle poll: 3 s)", push["t"], got.get("receiving"))
+        put("SuperNode pulls the message's objects from the SuperLink", got.get("receiving"),
+            got.get("received"))
+        put("SuperNode pulls it -> ClientApp process exists (SuperExec poll, spawn)",
+            got.get("receiving"), app["created"])
+        put("ClientApp process: Python + flwr imports, pulls its inputs", app["created"],
+            got.get("pulled"))
+        put("ClientApp process: installs the FAB", got.get("pulled"), got.get("loading"))
+        put("ClientApp process: imports the ClientApp module", got.get("loading"),
+            app["entered"])
+        train_s = 0.0
+        if app.get("mode") == "in-process":
+            record["handler: import torch/transformers/lorafleet"] = app["import_s"]
+            record["handler: build the experiment (model, data)"] = app["build_s"]
+            record["handler: decode payload + encode update"] = app["decode_s"] + \
+                app["encode_s"]
+            train_s = app["train_s"]
+        elif app.get("mode") == "resident":
+            tr = trainers[key]
+            record["handler: records -> link frame -> records"] = app["encode_s"] + \
+                app["decode_s"] + app["setup_s"]
+            record["link: to the trainer and back (socket, framing)"] = app["exchange_s"] - (
+                tr["decode_s"] + tr["build_s"] + tr["train_s"] + tr["encode_s"])
+            record["trainer: decode + check the order (experiment kept)"] = tr["decode_s"] + \
+                tr["build_s"]
+            record["trainer: encode the update"] = tr["encode_s"]
+            train_s = tr["train_s"]
+        record["train (2 steps)"] = train_s
+        put("ClientApp done -> SuperNode sends the reply (its 0.5 s reply poll)", app["t"],
+            back.get("sending"))
+        put("SuperNode pushes the reply's objects to the SuperLink", back.get("sending"),
+            back.get("sent"))
+        put("SuperNode sent -> server has it (ServerApp poll 0.1 s, pulls the objects)",
+            back.get("sent"), rep["t"])
+        record["push -> reply (the message's round trip)"] = rep["t"] - push["t"]
+        record["round trip - train"] = rep["t"] - push["t"] - train_s
         result["messages"].append(record)
     return result
 
 
 MESSAGE_STEPS = (
-    "server: plan + encode payload",
-    "push -> ClientApp process exists",
-    "push -> SuperNode pulls it (SuperNode poll)",
+    "push -> SuperNode pulls it (its idle poll: 3 s)",
+    "SuperNode pulls the message's objects from the SuperLink",
     "SuperNode pulls it -> ClientApp process exists (SuperExec poll, spawn)",
-    "  (SuperNode pulling the message's objects, overlaps)",
-    "ClientApp process start -> handler",
-    "push -> handler entered (Ray actor)",
-    "ClientApp: import torch/transformers/lorafleet",
-    "ClientApp: decode payload",
-    "ClientApp: build experiment (model, data)",
-    "ClientApp: train (2 steps)",
-    "ClientApp: encode update",
-    "reply: ClientApp done -> server has it",
-    "  ClientApp done -> SuperNode sends reply",
-    "  SuperNode sending reply",
-    "  SuperNode sent -> server has it (ServerApp poll)",
-    "server: decode + check update",
+    "ClientApp process: Python + flwr imports, pulls its inputs",
+    "ClientApp process: installs the FAB",
+    "ClientApp process: imports the ClientApp module",
+    "handler: import torch/transformers/lorafleet",
+    "handler: build the experiment (model, data)",
+    "handler: decode payload + encode update",
+    "handler: records -> link frame -> records",
+    "link: to the trainer and back (socket, framing)",
+    "trainer: decode + check the order (experiment kept)",
+    "trainer: encode the update",
+    "train (2 steps)",
+    "ClientApp done -> SuperNode sends the reply (its 0.5 s reply poll)",
+    "SuperNode pushes the reply's objects to the SuperLink",
+    "SuperNode sent -> server has it (ServerApp poll 0.1 s, pulls the objects)",
     "push -> reply (the message's round trip)",
+    "round trip - train",
 )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each runtime")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
-    parser.add_argument("--quick", action="store_true", help="1 repeat of 3 rounds")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each kind per model")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma-separated, of {', '.join(KINDS)}, flower-sim; KIND@S: "
+                        "with the SuperExec polling every S seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny model only, 3 rounds")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    repeats, rounds = (1, 3) if args.quick else (args.repeats, args.rounds)
+    if args.floor_run is not None:
+        floor_run(args.floor_run, args.set)
+        return
+    models = ["tiny"] if args.quick else [m.strip() for m in args.models.split(",")]
+    kinds = [k.strip() for k in args.kinds.split(",")]
+    rounds = 3 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
-    model = str(tiny_model(work / "model")) if args.model == "tiny" else "minilm"
-    sets = overrides(model, texts_csv(work / "texts.csv"), rounds)
-    banner("Flower overhead: local vs flower-sim vs deploy-local, per round", [
-        f"model {args.model}, 2 clients, {rounds} rounds, {repeats} repeat(s), interleaved; "
-        "threads=1", conditions(), f"work dir {work}"])
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
-    for rep in range(repeats):
-        for kind in (KINDS if rep % 2 == 0 else tuple(reversed(KINDS))):
-            t0 = time.perf_counter()
-            runs[kind].append(run_once(kind, work, sets, rep))
-            print(f"   {kind} run {rep + 1}: {time.perf_counter() - t0:.1f} s", flush=True)
-
-    def med(kind: str, key: str) -> float:
-        values = [r[key] for r in runs[kind] if key in r]
-        return median(values) if values else float("nan")
-
-    local_steady, local_total = med("local", "steady"), med("local", "total")
-    print("\nper run (seconds; medians over repeats, spread min..max)")
-    print(table(
-        ["runtime", "total", "launch -> round 0", "round 1", "round >= 2", "+ s/round",
-         "round ratio", "total ratio", "after last round"],
-        [[k, med(k, "total"), med(k, "startup"), med(k, "round1"), med(k, "steady"),
-          med(k, "steady") - local_steady, med(k, "steady") / local_steady,
-          med(k, "total") / local_total, med(k, "finish")] for k in KINDS]))
-    print("   round >= 2: median wall time of the rounds after the first; round ratio: that / "
-          "the local runtime's; + s/round: that - the local runtime's. Spread of round >= 2: "
-          + ", ".join(f"{k} {spread([r['steady'] for r in runs[k]])}" for k in KINDS))
-    print("\ninside a round (seconds, medians)")
-    print(table(["step", *KINDS], [
-        ["server end_round (aggregate + eval + checkpoint)",
-         *[med(k, "end_round") for k in KINDS]],
-        ["  of which evaluation", *[med(k, "eval") for k in KINDS]],
-        ["client_update (train_client)", *[med(k, "train_client") for k in KINDS]],
-        ["round 0 -> first train message pushed", "", med("flower-sim", "open_to_first_train"),
-         med("deploy-local", "open_to_first_train")],
-        ["  of which roll call (query -> answer)", "", med("flower-sim", "roll_call"),
-         med("deploy-local", "roll_call")],
-    ]))
-    print("\nwhere a train message's time goes (seconds, medians over all train messages; "
-          "medians of parts need not add up)")
-    steps_rows = []
-    for step in MESSAGE_STEPS:
-        cells: list[object] = [step]
-        for kind in KINDS[1:]:
-            values = [m[step] for r in runs[kind] for m in r["messages"] if step in m]
-            cells.append(median(values) if values else "")
-        if any(c != "" for c in cells[1:]):
-            steps_rows.append(cells)
-    print(table(["step", *KINDS[1:]], steps_rows))
-    msgs = [m for r in runs["deploy-local"] for m in r["messages"]]
-    print(f"   {len(msgs)} deploy-local train messages; bytes down/up per message "
-          f"{median([m['bytes down'] for m in msgs]):,.0f} / "
-          f"{median([m['bytes up'] for m in msgs]):,.0f}")
+    texts = texts_csv(work / "texts.csv")
+    names = {"tiny": str(tiny_model(work / "tiny")) if "tiny" in models else "",
+             "minilm": "minilm", "smollm2": "smollm2-135m"}
+    banner("Flower overhead per round: deploy-local (resident trainers / previous mode / "
+           "no-op floor) vs the local runtime", [
+               f"models {', '.join(models)}; 2 clients, {rounds} rounds, {args.repeats} "
+               f"repeat(s), kinds interleaved; threads=1",
+               "shared machine: other engineers' jobs run too; compare the ratios and "
+               "differences measured side by side", conditions(), f"work dir {work}"])
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {k: [] for k in kinds}
+                                                       for m in models}
+    for model in models:
+        sets = overrides(names[model], texts, rounds)
+        for rep in range(args.repeats):
+            for kind in (kinds if rep % 2 == 0 else list(reversed(kinds))):
+                t0 = time.perf_counter()
+                runs[model][kind].append(run_once(kind, work, model, sets, rep))
+                print(f"   {model} {kind} run {rep + 1}: {time.perf_counter() - t0:.1f} s",
+                      flush=True)
+    report(runs, models, kinds)
     print(f"   load at end: {conditions()}")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
+
+
+def report(runs: dict[str, dict[str, list[dict[str, Any]]]], models: list[str],
+           kinds: list[str]) -> None:
+    """Print the per-round table, the added seconds and the per-message breakdown."""
+    def med(model: str, kind: str, key: str) -> float:
+        values = [r[key] for r in runs[model].get(kind, []) if key in r]
+        return median(values) if values else float("nan")
+
+    def msg_med(model: str, kind: str, step: str) -> float | str:
+        values = [m[step] for r in runs[model].get(kind, []) for m in r["messages"]
+                  if step in m]
+        return median(values) if values else ""
+
+    print("\nseconds per round, steady state (median of rounds >= 2; ratio to local in "
+          "brackets)")
+    rows = []
+    for model in models:
+        local = med(model, "local", "steady")
+        cells = []
+        for k in kinds:
+            steady = med(model, k, "steady")
+            cells.append(f"{steady:.3g} ({steady / local:.3g}x)")
+        rows.append([model, *cells])
+    print(table(["model", *kinds], rows))
+    print("\nseconds a round adds over the local runtime (kind - local); floor: the no-op "
+          "round plus the local runtime's training time, minus local")
+    rows = []
+    for model in models:
+        local = med(model, "local", "steady")
+        train = med(model, "local", "train_round")
+        cells: list[object] = [model, train]
+        for k in kinds:
+            if k == "local":
+                continue
+            added = med(model, k, "steady") - local
+            cells.append(added + (train if k.startswith("floor") else 0.0))
+        if "resident" in kinds and "floor" in kinds:
+            cells.append(med(model, "resident", "steady") - local
+                         - (med(model, "floor", "steady") - local + train))
+        rows.append(cells)
+    heads = ["model", "local train s/round", *[f"+ {k}" for k in kinds if k != "local"]]
+    if "resident" in kinds and "floor" in kinds:
+        heads.append("resident - floor")
+    print(table(heads, rows))
+    spreads = ", ".join(f"{m} {k} {spread([r['steady'] for r in runs[m][k]])}"
+                        for m in models for k in kinds if runs[m][k])
+    print(f"   spread of the steady state over repeats: {spreads}")
+    for model in models:
+        shown = [k for k in kinds if k != "local"]
+        print(f"\nwhere a train message's time goes, {model} (seconds, medians over the train "
+              "messages of rounds >= 2; medians of parts need not add up)")
+        steps_rows = []
+        for step in MESSAGE_STEPS:
+            cells2: list[object] = [step, *[msg_med(model, k, step) for k in shown]]
+            if any(c != "" for c in cells2[1:]):
+                steps_rows.append(cells2)
+        print(table(["step", *shown], steps_rows))
+        msgs = [m for k in shown for r in runs[model][k] for m in r["messages"]]
+        if msgs:
+            print(f"   bytes down/up per message {median([m['bytes down'] for m in msgs]):,.0f}"
+                  f" / {median([m['bytes up'] for m in msgs]):,.0f}")
 
 
 if __name__ == "__main__":

@@ -34,13 +34,15 @@ from lorafleet.cli import app as cli_app
 from lorafleet.config import ExperimentConfig, load_config
 from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.runtimes.flower import run_flower_sim, serve
-from lorafleet.runtimes.flower.client_app import partition_of, query_reply, train_reply
+from lorafleet.runtimes.flower.client_app import partition_of, query_reply
 from lorafleet.runtimes.flower.grid import InProcessGrid
+from lorafleet.runtimes.flower.training import train_reply
 from lorafleet.runtimes.flower.wire import (
     failure_record,
     payload_record,
     read_payload,
     read_reply,
+    records_to_tensors,
     update_record,
 )
 from lorafleet.runtimes.local import run_local
@@ -111,6 +113,9 @@ def test_payload_and_update_cross_as_flower_arrays_bit_for_bit():
     assert order.base_delta["q"].shape == (6, 5)
     for key, value in payload.tensors.items():
         assert torch.equal(order.payload.tensors[key], value)
+    # The order is kept (safetensors sorts by name): the client's gradient clipping sums
+    # the parameters' norms in this order.
+    assert list(order.payload.tensors) == ["q.lora_A", "q.lora_B", "classifier.weight"]
     result = ClientResult(tensors={k: v + 1 for k, v in payload.tensors.items()},
                           num_examples=7, metrics={"loss": 0.25, "steps": 2.0})
     reply = read_reply(update_record(result, tokens=96), client=1)
@@ -119,6 +124,7 @@ def test_payload_and_update_cross_as_flower_arrays_bit_for_bit():
     assert reply.result.num_examples == 0  # the server's to set, not the client's
     for key, value in result.tensors.items():
         assert torch.equal(reply.result.tensors[key], value)
+    assert list(reply.result.tensors) == list(result.tensors)
     failed = read_reply(failure_record("client failed: RuntimeError: oom"), client=1)
     assert failed.result is None and failed.failure == "client failed: RuntimeError: oom"
 
@@ -301,8 +307,24 @@ def _tampering_app(kind: str) -> ClientApp:
             return Message(content, reply_to=msg)
         if kind == "raises":
             raise RuntimeError("device ran out of memory")
-        update = content["update"]
-        assert isinstance(update, ArrayRecord)
+        packed = content["update"]
+        assert isinstance(packed, ArrayRecord) and list(packed) == ["safetensors"]
+        if kind == "not safetensors":
+            packed["safetensors"] = Array(dtype="uint8", shape=(5,), stype="safetensors",
+                                          data=b"junk!")
+            return Message(content, reply_to=msg)
+        if kind == "bad order":
+            from safetensors.torch import save
+
+            tensors = records_to_tensors(packed, 0)
+            blob = save(tensors, metadata={"lorafleet.order": '["evil.lora_A"]'})
+            packed["safetensors"] = Array(dtype="uint8", shape=(len(blob),),
+                                          stype="safetensors", data=blob)
+            return Message(content, reply_to=msg)
+        # One numpy Array per tensor, which readers also accept, to tamper with one of them.
+        update = ArrayRecord({k: Array(v.numpy()) for k, v in
+                              records_to_tensors(packed, 0).items()})
+        content["update"] = update
         key = next(k for k in update if k.endswith("lora_A"))
         value = update[key].numpy()
         if kind == "nan":
@@ -321,6 +343,8 @@ def _tampering_app(kind: str) -> ClientApp:
             del update[key]
         elif kind == "not numeric":
             update[key] = Array(np.array(["rm -rf"]))
+        elif kind == "twice":
+            update["safetensors"] = packed["safetensors"]
         return Message(content, reply_to=msg)
 
     return tamper
@@ -334,6 +358,9 @@ def _tampering_app(kind: str) -> ClientApp:
     ("unknown key", "unknown keys ['evil.lora_A']"),
     ("missing key", "missing keys"),
     ("not numeric", "is not a numeric array"),
+    ("not safetensors", "safetensors is not a safetensors file"),
+    ("bad order", "safetensors's lorafleet.order does not name its tensors"),
+    ("twice", "comes twice"),
     ("raises", "client failed: RuntimeError: device ran out of memory"),
 ])
 def test_a_malformed_update_is_rejected_and_the_round_completes(
@@ -485,16 +512,18 @@ def _gone(pids: set[int]) -> bool:
 @pytest.mark.slow
 def test_deploy_local_runs_on_real_flower_processes_and_stops_them(tmp_path, tiny_bert_dir,
                                                                     tiny_text_csv):
-    """A flower-superlink, 2 flower-supernodes and `flwr run` on loopback: the local run's
-    adapter exactly, the run directory contract, and no process left behind."""
+    """A flower-superlink, 2 flower-supernodes and `flwr run` on loopback, in the previous
+    mode (``resident=False``: each ClientApp process builds the experiment itself): the
+    local run's adapter exactly, the run directory contract, and no process left behind.
+    (The default, resident trainers: tests/test_flower_node.py.)"""
     from lorafleet.runtimes.flower.deploy import deploy_local
 
     torch.set_num_threads(1)
     cfg = _config(tiny_bert_dir, tiny_text_csv, num_clients=2, **{"fleet.sketch.ranks": "[2, 4]"})
     run_local(cfg, tmp_path / "local", progress=False)
     t0 = time.perf_counter()
-    dep = deploy_local(cfg, tmp_path / "deployed", nodes=2)
-    print(f"deploy-local wall seconds: {time.perf_counter() - t0:.1f}")
+    dep = deploy_local(cfg, tmp_path / "deployed", nodes=2, resident=False)
+    print(f"deploy-local (no resident trainers) wall seconds: {time.perf_counter() - t0:.1f}")
     names = [name for name, _ in dep.procs]
     assert names == ["superlink", "supernode-0", "supernode-1", "flwr-run"]
     assert len(dep.seen) > len(names)  # SuperExec, ServerApp and ClientApp processes too
@@ -520,7 +549,10 @@ def test_deploy_local_stops_every_process_when_interrupted(tmp_path, tiny_bert_d
         deploy_local(_config(tiny_bert_dir, tiny_text_csv), tmp_path / "run", nodes=3,
                      on_started=interrupt)
     [dep] = started
-    assert len(dep.procs) == 4 and _gone(dep.seen)
+    assert [name for name, _ in dep.procs] == [
+        "superlink", "trainer-0", "trainer-1", "trainer-2", "supernode-0", "supernode-1",
+        "supernode-2"]
+    assert _gone(dep.seen) and dep.trainer_dir is not None and not dep.trainer_dir.exists()
 
 
 # ----------------------------------------------------------------------------- TLS + auth
@@ -678,9 +710,9 @@ def test_deploy_local_over_tls_with_supernode_authentication(tmp_path, tiny_bert
                                                              tiny_text_csv):
     """TLS on every link and registered SuperNode keys: 2 authorised nodes train 2 rounds;
     a third node with a key the SuperLink does not know is refused and never trains. The
-    nodes train on their own files (``data-path`` through Flower's node config): node 0's
-    is fine, node 1's holds a class the experiment does not know and is refused with its
-    reason every round."""
+    nodes train on their own files (their resident trainers' ``--data-path``): node 0's is
+    fine, node 1's holds a class the experiment does not know and is refused with its reason
+    every round."""
     from lorafleet.runtimes.flower.deploy import Deployment, Security, deploy_local
 
     torch.set_num_threads(1)
@@ -721,7 +753,8 @@ def test_deploy_local_over_tls_with_supernode_authentication(tmp_path, tiny_bert
     for f in (*RUN_FILES, "adapter/adapter_model.safetensors"):
         assert (tmp_path / "run" / f).exists(), f
     names = [name for name, _ in dep.procs]
-    assert names == ["superlink", "supernode-0", "supernode-1", "rogue", "flwr-run"]
+    assert names == ["superlink", "trainer-0", "trainer-1", "supernode-0", "supernode-1",
+                     "rogue", "flwr-run"]
     assert _gone(dep.seen)
 
 
@@ -739,7 +772,8 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins(tmp_path, tiny_bert
                                                              tiny_text_csv):
     """SIGKILL a SuperNode (and its ClientApp) as it trains round 1: round 1 aggregates the
     other node and records the dead node's client as dropped; the node, restarted, rejoins
-    and trains round 2."""
+    and trains round 2. In the previous mode, whose ClientApp takes seconds to start, so
+    that the kill lands mid-round (a killed trainer: tests/test_flower_node.py)."""
     from lorafleet.runtimes.flower.deploy import Deployment, deploy_local
 
     torch.set_num_threads(1)
@@ -767,7 +801,7 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins(tmp_path, tiny_bert
 
     t0 = time.perf_counter()
     dep = deploy_local(cfg, tmp_path / "run", nodes=2, round_timeout=45.0, node_wait=5.0,
-                       on_started=crash_node_1)
+                       on_started=crash_node_1, resident=False)
     print(f"deploy-local with a killed node, wall seconds: {time.perf_counter() - t0:.1f}")
     assert not failures, failures
     assert "killed" in chaos and "restarted" in chaos

@@ -226,6 +226,9 @@ def _attack(monkeypatch: pytest.MonkeyPatch, transform: Transform, *, client: in
 
     monkeypatch.setattr(session_mod, "train_client", train)
     monkeypatch.setattr(local_mod, "train_client", train)
+    from lorafleet.runtimes.flower import training as flower_training  # a ClientApp's step
+
+    monkeypatch.setattr(flower_training, "train_client", train)
 
 
 def _rows(run: Path) -> list[dict]:  # type: ignore[type-arg]

@@ -150,10 +150,16 @@ def deploy_local(
         "(killed, disconnected) is dropped from that round.")] = 3600.0,
     node_wait: Annotated[float, typer.Option(
         help="Seconds to wait, before round 1, for every client's node.")] = 120.0,
+    resident: Annotated[bool, typer.Option(
+        help="Start a resident trainer (lorafleet node) beside each SuperNode: it builds "
+        "the experiment once and keeps the model loaded across rounds. --no-resident: each "
+        "ClientApp builds the experiment itself, once per message (Flower 1.41 starts a "
+        "process per message).")] = True,
     verbose: Annotated[bool, typer.Option(help="Log more (INFO).")] = False,
 ) -> None:
     """Run on a real Flower deployment on loopback: a flower-superlink, N flower-supernodes
-    and `flwr run`; every process started is stopped at the end (also on Ctrl-C)."""
+    (each with a resident trainer) and `flwr run`; every process started is stopped at the
+    end (also on Ctrl-C)."""
     _setup_logging(verbose)
     from lorafleet.config import load_config
 
@@ -176,7 +182,7 @@ def deploy_local(
         run_deployment(cfg, directory, nodes=nodes, resume=resume, console=err_console,
                        security=Security(tls_dir=tls_dir, auth_dir=auth_keys),
                        node_data=_node_data(node_data or []),
-                       round_timeout=round_timeout, node_wait=node_wait)
+                       round_timeout=round_timeout, node_wait=node_wait, resident=resident)
     except LorafleetError as err:
         _fail(str(err))
         return
@@ -201,6 +207,42 @@ def _node_data(items: list[str]) -> dict[int, Path]:
             raise LorafleetError(f"--node-data {item!r}: expected I=PATH, e.g. 0=data/mine.csv")
         out[int(node)] = Path(path)
     return out
+
+
+@app.command()
+def node(
+    partition_id: Annotated[int, typer.Option(
+        "--partition-id", help="The fleet client this device plays (its SuperNode's "
+        "partition-id).")],
+    socket_path: Annotated[Path, typer.Option(
+        "--socket", help="Unix socket to listen on (created 0600; at most 107 bytes); its "
+        "SuperNode's node config names it: trainer-socket=\"PATH\".")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Build this experiment before the first request (the run's "
+        "experiment.yaml); without it the trainer builds the server's experiment on the "
+        "first train message. Either way it keeps it while messages name it.")] = None,
+    data_path: Annotated[Path | None, typer.Option(
+        "--data-path", help="Train on this file (read with the experiment's data fields) "
+        "instead of the client's partition of the experiment's dataset.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="Compute on this device (auto, cpu, cuda, cuda:N, mps) instead of the "
+        "experiment's `device`.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Log more (INFO: one line per round).")] = False,
+) -> None:
+    """Run a device's resident trainer: it keeps the model loaded and trains the Flower
+    messages its SuperNode's ClientApp forwards (see docs/deploy.md). SIGTERM or Ctrl-C
+    stops it."""
+    _setup_logging(verbose)
+    try:
+        from lorafleet.runtimes.flower.node import run_node
+    except ImportError as err:
+        _fail(f"node needs Flower ({err}); install the extra: pip install 'lorafleet[flower]'")
+        return
+    try:
+        run_node(socket_path, partition_id, config=config, data_path=data_path,
+                 device=device, console=err_console)
+    except LorafleetError as err:
+        _fail(str(err))
 
 
 @app.command("flower-app")
@@ -253,9 +295,12 @@ def flower_app(
         _fail(str(err))
         return
     clients = f" (one per client, 0..{cfg.num_clients - 1})" if cfg else ""
+    experiment = f" --config {app_dir / 'experiment.yaml'}" if cfg else ""
     out_console.print(
-        f"wrote {app_dir / 'app'} and {run_config}. Start flower-supernode --node-config "
-        f"\"partition-id=I\" on each device{clients}, then on this machine:\n"
+        f"wrote {app_dir / 'app'} and {run_config}. On each device{clients} start its resident "
+        f"trainer, lorafleet node --partition-id I --socket SOCKET{experiment} (copy the file "
+        f"there), and flower-supernode --node-config 'partition-id=I trainer-socket=\"SOCKET\"' "
+        f"(see docs/deploy.md); then on this machine:\n"
         f"  flwr run {app_dir.resolve() / 'app'} CONNECTION --run-config {run_config} --stream",
         highlight=False, soft_wrap=True)
 

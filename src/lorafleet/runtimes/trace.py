@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-__all__ = ["TRACE_ENV", "trace", "tracing"]
+__all__ = ["TRACE_ENV", "process_created", "trace", "tracing"]
 
 TRACE_ENV = "LORAFLEET_TRACE"
 
@@ -32,3 +32,21 @@ def trace(event: str, **fields: object) -> None:
     line = json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **fields})
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
+
+
+def process_created() -> float:
+    """When this process started, as ``time.time()`` (to 10 ms on Linux).
+
+    From ``/proc/self/stat``'s start time and the boot-time clock: psutil's
+    ``create_time()`` adds the kernel's boot time rounded to a whole second, which shifts it
+    by up to a second.
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, ticks
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        import psutil
+
+        return float(psutil.Process().create_time())

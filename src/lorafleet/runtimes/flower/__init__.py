@@ -3,7 +3,10 @@ ClientApp that trains one fleet client per node (DESIGN.md section 6).
 
 - :mod:`~lorafleet.runtimes.flower.strategy`: :class:`FederatedStrategy` (Message API);
 - :mod:`~lorafleet.runtimes.flower.server_app`: :func:`serve` and the ``flwr run`` ServerApp;
-- :mod:`~lorafleet.runtimes.flower.client_app`: the ClientApp;
+- :mod:`~lorafleet.runtimes.flower.client_app`: the ClientApp (thin: no torch);
+- :mod:`~lorafleet.runtimes.flower.node`: ``lorafleet node``, a device's resident trainer;
+- :mod:`~lorafleet.runtimes.flower.link`: the device-local link between the two;
+- :mod:`~lorafleet.runtimes.flower.training`: one train message trained as a client;
 - :mod:`~lorafleet.runtimes.flower.wire`: payloads and updates as Flower records;
 - :mod:`~lorafleet.runtimes.flower.simulation`: ``--runtime flower-sim``;
 - :mod:`~lorafleet.runtimes.flower.grid`: an in-process Grid (tests, debugging).
@@ -34,8 +37,8 @@ _HOME = {"FederatedStrategy": "strategy", "require_federated": "server_app",
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name on first use: a SuperNode's ClientApp process answering the roll
-    call (a fresh process per message) then loads neither torch nor transformers."""
+    """Import a public name on first use: a SuperNode's ClientApp process (a fresh process
+    per message) then loads neither torch nor transformers unless it trains in place."""
     if name not in _HOME:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -22,18 +22,28 @@ ClientApp), and ``run-config.toml``. The run directory itself is OUT, as with
 ``lorafleet run``.
 
 Each message runs in a fresh ``flwr-clientapp`` process on the SuperNode (Flower 1.41's
-Deployment Engine): a node loads the base model once per message, not once per run.
+Deployment Engine). By default every node therefore gets a **resident trainer** beside its
+SuperNode (``lorafleet node --partition-id i --socket ... --config ...``, logs in
+``trainer-<i>.log``), which builds the experiment once, before the run is submitted, and
+trains every round the node's thin ClientApp forwards to it (node config
+``trainer-socket``). The sockets live in a private temporary directory (mode 0700, removed
+at the end: a Unix socket path has at most 107 bytes, which a deep ``OUT`` would exceed).
+``resident=False`` (``--no-resident``) is the previous mode: each ClientApp process builds
+the experiment itself, once per message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +71,8 @@ from lorafleet.rundir import RunDir
 from lorafleet.runtimes.flower.server_app import require_federated
 
 __all__ = ["Deployment", "Security", "deploy_local", "write_app"]
+
+log = logging.getLogger("lorafleet")
 
 APP_PYPROJECT = """\
 [build-system]
@@ -254,8 +266,12 @@ class Deployment:
         port: the SuperLink's port (Fleet, Control and ServerAppIo APIs).
         nodes: SuperNodes of the fleet (``num-partitions`` in their node config).
         security: TLS and SuperNode keys (default: none, plain HTTP).
-        node_data: node -> its own data file (``data-path`` in its node config), for nodes
-            that do not train on their partition of the experiment's dataset.
+        node_data: node -> its own data file (``data-path`` in its node config, or the
+            resident trainer's ``--data-path``), for nodes that do not train on their
+            partition of the experiment's dataset.
+        trainer_dir: where the resident trainers' sockets are (None: no resident trainers,
+            each ClientApp trains in its own process).
+        trainer_config: the experiment file the resident trainers build before the run.
         procs: (name, process) for every process started, in start order.
         seen: ids of every process known to belong to the deployment (with descendants
             found while it ran), for checks that nothing is left behind.
@@ -266,6 +282,8 @@ class Deployment:
     nodes: int = 1
     security: Security = field(default_factory=Security)
     node_data: dict[int, Path] = field(default_factory=dict)
+    trainer_dir: Path | None = None
+    trainer_config: Path | None = None
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     _tracked: dict[int, psutil.Process] = field(default_factory=dict)
@@ -273,6 +291,7 @@ class Deployment:
     # Tests start and kill nodes from another thread while deploy_local watches the run.
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _stopped: bool = False
+    _reported: set[int] = field(default_factory=set)
 
     @property
     def env(self) -> dict[str, str]:
@@ -313,14 +332,72 @@ class Deployment:
             name: its name in :attr:`procs` and its log's (default ``supernode-<i>``).
         """
         key = key if key is not None else self.security.node_key(partition)
+        node_config = f"partition-id={partition} num-partitions={self.nodes}"
+        if self.trainer_dir is not None:  # its resident trainer holds the data
+            node_config += f" trainer-socket={_toml_string(str(self.trainer_socket(partition)))}"
+        elif partition in self.node_data:
+            node_config += f" data-path={_toml_string(str(self.node_data[partition].resolve()))}"
         return self.start(name or f"supernode-{partition}", [
             "flower-supernode", *self.security.supernode_args(key),
             "--superlink", f"127.0.0.1:{self.port}",
             "--host", "127.0.0.1", "--port", str(_free_port()),
-            "--node-config", f"partition-id={partition} num-partitions={self.nodes}" + (
-                f" data-path={_toml_string(str(self.node_data[partition].resolve()))}"
-                if partition in self.node_data else ""),
+            "--node-config", node_config,
         ])
+
+    def trainer_socket(self, partition: int) -> Path:
+        """The socket of node ``partition``'s resident trainer."""
+        if self.trainer_dir is None:
+            raise LorafleetError("this deployment runs no resident trainers")
+        return self.trainer_dir / f"node-{partition}.sock"
+
+    def start_trainer(self, partition: int, *, name: str | None = None
+                      ) -> subprocess.Popen[bytes]:
+        """Start node ``partition``'s resident trainer (``lorafleet node``), which builds
+        :attr:`trainer_config` before it listens (see :meth:`wait_for_trainer`)."""
+        args = [sys.executable, "-m", "lorafleet", "node", "--partition-id", str(partition),
+                "--socket", str(self.trainer_socket(partition))]
+        if self.trainer_config is not None:
+            args += ["--config", str(self.trainer_config)]
+        if partition in self.node_data:
+            args += ["--data-path", str(self.node_data[partition].resolve())]
+        return self.start(name or f"trainer-{partition}", args)
+
+    def wait_for_trainer(self, partition: int, timeout: float, *, name: str | None = None
+                         ) -> None:
+        """Wait until node ``partition``'s resident trainer answers on its socket.
+
+        Raises:
+            LorafleetError: it exited, or did not answer within ``timeout`` seconds.
+        """
+        from lorafleet.runtimes.flower.link import LinkError
+        from lorafleet.runtimes.flower.node import ping
+
+        name = name or f"trainer-{partition}"
+        proc, log_path = self.process(name), self.home / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise LorafleetError(f"the resident trainer of node {partition} exited with "
+                                     f"status {proc.returncode} while starting; see {log_path}")
+            with contextlib.suppress(LinkError):
+                ping(self.trainer_socket(partition), timeout=5.0)
+                return
+            if time.monotonic() >= deadline:
+                raise LorafleetError(f"the resident trainer of node {partition} did not listen "
+                                     f"within {timeout:g} s; see {log_path}")
+            time.sleep(0.3)
+
+    def report_dead_trainers(self) -> None:
+        """Log, once each, resident trainers that exited while the run goes on (their node's
+        rounds fail, with that reason, until they are restarted)."""
+        with self._lock:
+            for name, proc in self.procs:
+                if name.startswith("trainer-") and proc.poll() is not None \
+                        and proc.pid not in self._reported and not self._stopped:
+                    self._reported.add(proc.pid)
+                    log.warning("%s exited with status %s during the run; its node is dropped "
+                                "from rounds until it is restarted (see %s)", name,
+                                proc.returncode, self.home / f"{name}.log")
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
         """The process last started under ``name``."""
@@ -362,9 +439,11 @@ class Deployment:
             for p in victims:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
-        psutil.wait_procs(victims, timeout=5.0)
+        # Reap the process we started first, so that its Popen keeps the status (-9);
+        # reaped by psutil, Popen would report 0.
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process(name).wait(timeout=5.0)
+        psutil.wait_procs(victims, timeout=5.0)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Terminate every process (SIGTERM, then SIGKILL after ``timeout``) and reap them."""
@@ -374,7 +453,13 @@ class Deployment:
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(alive, timeout=timeout)
+        # Reap the processes started here through their Popen first, so that their exit
+        # status is kept (psutil would reap them and leave Popen a made-up 0).
+        deadline = time.monotonic() + timeout
+        for _, proc in list(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        _, alive = psutil.wait_procs(alive, timeout=max(0.0, deadline - time.monotonic()))
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.kill()
@@ -389,14 +474,23 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def _deployment(home: Path, nodes: int, security: Security, node_data: dict[int, Path]
-                ) -> Iterator[Deployment]:
+def _deployment(home: Path, nodes: int, security: Security, node_data: dict[int, Path],
+                trainer_config: Path | None) -> Iterator[Deployment]:
+    """A deployment that is stopped at exit; with ``trainer_config``, its resident trainers'
+    private socket directory is made (mode 0700) and removed with it."""
+    trainer_dir = (Path(tempfile.mkdtemp(prefix="lorafleet-"))
+                   if trainer_config is not None else None)
     dep = Deployment(home=home, port=_free_port(), nodes=nodes, security=security,
-                     node_data=node_data)
+                     node_data=node_data, trainer_dir=trainer_dir,
+                     trainer_config=trainer_config)
     try:
         yield dep
     finally:
-        dep.stop()
+        try:
+            dep.stop()
+        finally:
+            if trainer_dir is not None:
+                shutil.rmtree(trainer_dir, ignore_errors=True)
 
 
 def _register_nodes(dep: Deployment) -> None:
@@ -431,6 +525,8 @@ def deploy_local(
     start_timeout: float = 120.0,
     run_timeout: float | None = None,
     on_started: Callable[[Deployment], None] | None = None,
+    resident: bool = True,
+    trainer_timeout: float = 600.0,
 ) -> Deployment:
     """Run the experiment on a SuperLink and ``nodes`` SuperNodes on loopback.
 
@@ -451,6 +547,10 @@ def deploy_local(
         run_timeout: seconds ``flwr run`` may take (None: no limit).
         on_started: a callable given the :class:`Deployment` once every process runs
             (tests use it to interrupt, kill or add nodes).
+        resident: start a resident trainer beside each SuperNode (default); False: the
+            previous mode, each ClientApp builds the experiment itself, once per message.
+        trainer_timeout: seconds each resident trainer may take to build the experiment
+            and listen (they build at the same time, while the SuperLink starts).
 
     Returns:
         The (stopped) deployment, for checks on what it started.
@@ -494,7 +594,11 @@ def deploy_local(
     for db in home.glob("state.db*"):
         db.unlink()
 
-    with _deployment(home, nodes, security, dict(node_data or {})) as dep:
+    # The resident trainers build the experiment the ServerApp will run (a resumed run's
+    # stored config when no new one is given).
+    trainer_config = (None if not resident
+                      else home / "experiment.yaml" if cfg is not None else run.config_path)
+    with _deployment(home, nodes, security, dict(node_data or {}), trainer_config) as dep:
         (home / "flwr-home" / "config.toml").write_text(security.connection(dep.port))
         link = dep.start("superlink", [
             "flower-superlink", *security.superlink_args(),
@@ -503,16 +607,24 @@ def deploy_local(
             # The app is lorafleet as installed here: nothing to install per run.
             "--disable-runtime-dependency-installation",
         ])
+        if resident:  # they load the model while the SuperLink starts
+            for i in range(nodes):
+                dep.start_trainer(i)
         _wait_for_port(dep.port, start_timeout, link, "flower-superlink",
                        home / "superlink.log")
         if security.auth_dir is not None:
             _register_nodes(dep)
+        if resident:
+            for i in range(nodes):
+                dep.wait_for_trainer(i, trainer_timeout)
         for i in range(nodes):
             dep.start_supernode(i)
         mode = ("TLS, SuperNode authentication" if security.auth_dir is not None
                 else "TLS" if not security.insecure else "insecure")
+        trainers = " (each with a resident trainer)" if resident else ""
         console.print(f"started flower-superlink on 127.0.0.1:{dep.port} ({mode}) and "
-                      f"{nodes} flower-supernode(s); logs in {home}", highlight=False)
+                      f"{nodes} flower-supernode(s){trainers}; logs in {home}",
+                      highlight=False)
         if on_started is not None:
             on_started(dep)
         submit = dep.start("flwr-run", [
@@ -538,6 +650,7 @@ def _wait_for_run(dep: Deployment, submit: subprocess.Popen[bytes],
         except subprocess.TimeoutExpired:
             pass
         dep.descendants()
+        dep.report_dead_trainers()
         if link.poll() is not None:
             raise LorafleetError(
                 f"flower-superlink exited with status {link.returncode} during the run (see "

@@ -1,8 +1,13 @@
 """Payloads and updates as Flower records, and back.
 
-Tensors cross as Flower ``Array``s (numpy's ``.npy`` format, loaded with
-``allow_pickle=False``); everything else as ``ConfigRecord`` scalars and JSON strings.
-Nothing is pickled. The server's message to a client:
+The tensors of a record cross as one Flower ``Array`` holding them as a safetensors file
+(stype ``safetensors``, key ``safetensors``): Flower moves each ``Array`` of a message, and
+each 5 MB chunk of it, as an object of its own, one HTTP request per object per hop
+(ServerApp, SuperLink, SuperNode, ClientApp), so one array per record keeps a message's
+transfer time independent of how many tensors it holds (SmolLM2's payload has 121). Readers
+also accept one numpy ``Array`` per tensor (``.npy``, loaded with ``allow_pickle=False``).
+Everything else crosses as ``ConfigRecord`` scalars and JSON strings. Nothing is pickled.
+The server's message to a client:
 
 - ``ArrayRecord "payload"``: the payload's tensors (FSLoRA: the client's own slices);
 - ``ArrayRecord "base_delta"``: for algorithms that merge into the base, the cumulative
@@ -28,10 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from lorafleet.algorithms.base import ClientResult, Payload, Tensors
 from lorafleet.errors import UpdateRejected
+from lorafleet.runtimes.flower.link import FAILURE, PACKED_STYPE, failure_record
 
 __all__ = [
     "ClientReply",
@@ -45,23 +54,68 @@ __all__ = [
 ]
 
 PAYLOAD, BASE_DELTA, META = "payload", "base_delta", "lorafleet"
-UPDATE, METRICS, FAILURE = "update", "metrics", "failure"
+UPDATE, METRICS = "update", "metrics"
+
+
+ORDER = "lorafleet.order"  # safetensors metadata: the tensors' names in their dict order
 
 
 def _tensors_record(tensors: Tensors) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().contiguous() for k, v in tensors.items()})
+    """``tensors`` as an ArrayRecord of one packed Array (a safetensors file).
+
+    safetensors stores tensors sorted by dtype and name; their dict order is kept in the
+    file's metadata and restored on reading, because it matters: a client's trainer clips
+    the gradient norm summed over its parameters in the payload's order.
+    """
+    blob = save_tensors({k: v.detach().contiguous() for k, v in tensors.items()},
+                        metadata={ORDER: json.dumps(list(tensors))})
+    return ArrayRecord({PACKED_STYPE: Array(dtype="uint8", shape=(len(blob),),
+                                            stype=PACKED_STYPE, data=blob)})
+
+
+def _unpack(data: bytes, key: str, client: int) -> Tensors:
+    """The tensors of a packed Array's safetensors file, in the order its metadata names.
+
+    Raises:
+        UpdateRejected: not a safetensors file, or an order that does not name its tensors.
+    """
+    try:
+        packed = load_tensors(data)
+        # The file's header: its length (u64, little-endian), then JSON (safetensors' format).
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        order = json.loads((header.get("__metadata__") or {}).get(ORDER, "null"))
+    except (SafetensorError, ValueError, AttributeError) as err:
+        raise UpdateRejected(client, f"{key} is not a safetensors file "
+                             f"({err})".splitlines()[0]) from None
+    if order is None:
+        return packed
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(packed):
+        raise UpdateRejected(client, f"{key}'s {ORDER} does not name its tensors")
+    return {name: packed[name] for name in order}
 
 
 def records_to_tensors(record: ArrayRecord, client: int) -> Tensors:
-    """The arrays of ``record`` as torch tensors (dtype and shape kept as they came).
+    """The tensors of ``record`` as torch tensors (dtype and shape kept as they came): those
+    of its packed safetensors arrays, and its plain numpy arrays by their keys.
 
     Raises:
-        UpdateRejected: an array that is not a plain numeric numpy array.
+        UpdateRejected: an array that is neither a safetensors file nor a plain numeric
+            numpy array, or a tensor name that comes twice.
     """
     out: Tensors = {}
+
+    def put(key: str, value: torch.Tensor) -> None:
+        if key in out:
+            raise UpdateRejected(client, f"tensor {key} comes twice")
+        out[key] = value
+
     for key, array in record.items():
+        if array.stype == PACKED_STYPE:
+            for name, value in _unpack(bytes(array.data), key, client).items():
+                put(name, value)
+            continue
         try:
-            out[key] = torch.from_numpy(array.numpy())
+            put(key, torch.from_numpy(array.numpy()))
         except (TypeError, ValueError, RuntimeError) as err:
             raise UpdateRejected(client, f"{key} is not a numeric array "
                                  f"({type(err).__name__}: {err})".splitlines()[0]) from None
@@ -130,11 +184,6 @@ def update_record(result: ClientResult, tokens: int) -> RecordDict:
     metrics["tokens"] = int(tokens)
     return RecordDict({UPDATE: _tensors_record(result.tensors),
                        METRICS: MetricRecord(metrics)})
-
-
-def failure_record(reason: str) -> RecordDict:
-    """A client's reply content when its training failed (``reason``: one line)."""
-    return RecordDict({FAILURE: ConfigRecord({"reason": reason})})
 
 
 @dataclass
