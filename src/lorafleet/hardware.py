@@ -202,6 +202,16 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
+def _status_kib(*names: str) -> list[int]:
+    """The named ``/proc/self/status`` fields in KiB, in the order asked (missing: left out)."""
+    found = {}
+    for line in _STATUS.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in names:
+            found[key] = int(value.split()[0])
+    return [found[name] for name in names if name in found]
+
+
 class PeakMemory:
     """The peak memory of this process on ``device`` since :meth:`reset`.
 
@@ -213,15 +223,23 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        #: whether the last :meth:`reset` started a new measurement; False where the kernel
+        #: refuses or ignores ``clear_refs`` (some containers), so :meth:`read` is the peak
+        #: since the process started
+        self.resets = device.type == "cuda"
 
     def reset(self) -> None:
         """Start a new measurement."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        self.resets = False
         if self.device.type == "cpu" and sys.platform.startswith("linux"):
             with contextlib.suppress(OSError):
                 _CLEAR_REFS.write_text("5")  # 5: reset the peak RSS to the current RSS
+                fields = _status_kib("VmHWM", "VmRSS")
+                # a peak within 1 MiB of the current RSS: the reset took effect
+                self.resets = len(fields) == 2 and fields[0] <= fields[1] + 1024
 
     def read(self) -> int:
         """Peak bytes since the last :meth:`reset`."""
@@ -230,9 +248,9 @@ class PeakMemory:
         if self.device.type == "mps":
             return int(torch.mps.driver_allocated_memory())
         with contextlib.suppress(OSError, ValueError):
-            for line in _STATUS.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
+            fields = _status_kib("VmHWM")
+            if fields:
+                return fields[0] * 1024
         scale = 1 if sys.platform == "darwin" else 1024  # macOS: bytes, Linux: KiB
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
