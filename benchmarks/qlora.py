@@ -1,7 +1,7 @@
 """QLoRA and the memory levers on CPU, side by side: nf4 vs float32 base, a 100-client nf4
 fleet vs 1 client, gradient checkpointing vs none.
 
-DESIGN.md section 9. Three measurements, each a fresh child process per run (this script
+docs/design.md §12. Three measurements, each a fresh child process per run (this script
 re-run with ``--child``), the two sides alternating (A, B, A, B, ...), medians and ratios:
 
 1. resident memory of the SmolLM2-135M base loaded in nf4 (bitsandbytes' CPU backend,

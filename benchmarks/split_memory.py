@@ -1,6 +1,6 @@
 """Device memory of one split-learning step, measured, against the cost model.
 
-DESIGN.md section 3: the planner prices a client's split point and ranks with
+docs/design.md §4.2: the planner prices a client's split point and ranks with
 ``lorafleet.split.cost.device_memory_bytes``, which must be checked against measured memory.
 For each split point s this script runs ONE device-side training step of the model cut at s
 (``split_model(...).device_part`` forward, backward of the cut's hidden states with a random

@@ -1,4 +1,4 @@
-"""The device cost model against the tensors one real device step keeps (DESIGN.md section 3).
+"""The device cost model against the tensors one real device step keeps (docs/design.md §4.2).
 
 Tiny Llama (MHA, GQA, MQA), GPT-2 and BERT built from the fixtures' configs with 4 layers,
 LoRA of mixed ranks on every weight of the device layers, one float32 step at each split

@@ -1,5 +1,5 @@
 """Exact resume for every federated method: a server killed between a round's aggregation and
-its checkpoint resumes to the uninterrupted run's adapter, bit for bit (DESIGN.md s8)."""
+its checkpoint resumes to the uninterrupted run's adapter, bit for bit (docs/design.md §11)."""
 
 from __future__ import annotations
 

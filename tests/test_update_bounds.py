@@ -1,4 +1,4 @@
-"""Bounded client updates and a guarded global model (issue 16, DESIGN.md s8-9).
+"""Bounded client updates and a guarded global model (issue 16, docs/design.md §5).
 
 A hostile or broken client is rejected with its reason and the honest ones keep being
 aggregated: values of the wrong type never crash the server, a huge value is capped, an

@@ -1,4 +1,4 @@
-"""Embedded defaults: models and data shipped inside PyPI packages (DESIGN section 5).
+"""Embedded defaults: models and data shipped inside PyPI packages (docs/design.md §8).
 
 These machines reach only package registries, so the default model and data come from
 packages installed in the environment. This module knows where each one lives, whether it

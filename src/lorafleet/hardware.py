@@ -1,4 +1,4 @@
-"""Where a run computes (DESIGN.md section 9, device boundary): the device, the combinations
+"""Where a run computes (docs/design.md §12, device boundary): the device, the combinations
 refused, autocast, peak memory.
 
 ``device`` is ``auto`` (CUDA if torch sees a GPU, else MPS, else CPU), ``cpu``, ``cuda``,

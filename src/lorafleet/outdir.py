@@ -65,7 +65,7 @@ _KIND_WORDS = {
     DEPLOY: "a deployment's directory",
 }
 
-# What a run writes (DESIGN.md s7), recorded when the run starts.
+# What a run writes (docs/design.md §10), recorded when the run starts.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "partition.json",
              "checkpoint/meta.json", "checkpoint/state-*.safetensors",
              "checkpoint/state-*.safetensors.tmp")

@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md section 7): what every runtime leaves behind.
+"""The run directory contract (docs/design.md §10): what every runtime leaves behind.
 
 ``config.yaml`` (resolved config), ``metrics.jsonl`` (one object per round, round 0 is the
 initial model's evaluation), ``summary.json``, ``partition.json``, ``adapter/`` or

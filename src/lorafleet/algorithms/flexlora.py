@@ -1,4 +1,4 @@
-"""FlexLoRA: average LoRA products, redistribute them by SVD (Bai et al., 2024; DESIGN.md s2).
+"""FlexLoRA: average LoRA products, redistribute by SVD (Bai et al., 2024; docs/design.md §3.5).
 
 Clients of heterogeneous ranks k_i return their trained factors. The server forms, per
 module, the weighted product ΔW = sum_i p_i s_i B_i A_i (s_i = s(k_i), the scaling the client

@@ -1,4 +1,4 @@
-"""FLoRA: stack heterogeneous adapters, merge them into the base (Wang et al., 2024; DESIGN.md s2).
+"""FLoRA: stack per-client adapters, merge into the base (Wang et al., 2024; docs/design.md §3.6).
 
 Every round each client i trains a FRESH adapter of its own rank k_i (A_i drawn as PEFT
 draws it, B_i = 0, scaling s_i = s(k_i)) on top of the merged base, and returns the trained

@@ -1,4 +1,4 @@
-"""FSLoRA: federated sketching LoRA (Fang et al., 2025; DESIGN.md section 2).
+"""FSLoRA: federated sketching LoRA (Fang et al., 2025; docs/design.md §3.3).
 
 The server keeps one global rank-r pair (B, A) per module. In round t client i (sketch size
 k_i) gets, per module, one index set I of size k_i drawn uniformly without replacement and

@@ -1,4 +1,4 @@
-"""HetLoRA: heterogeneous ranks by truncation and zero-padding (Cho et al., 2024; DESIGN.md s2).
+"""HetLoRA: per-client ranks by truncation and zero-padding (Cho et al., 2024; docs/design.md §3.4).
 
 The server keeps one global rank-r_max pair (B, A) per module (r_max = ``spec.rank``).
 Client i (rank k_i <= r_max) receives the truncation B[:, :k_i], A[:k_i, :], trains it and

@@ -1,4 +1,4 @@
-"""The split-learning family (DESIGN.md section 3): HSplitLoRA and its baselines.
+"""The split-learning family (docs/design.md §4): HSplitLoRA and its baselines.
 
 Every client k runs the embeddings and layers [0, s_k) on its device, the main server runs
 layers [s_k, L) and the head with per-client adapters (SFL-V1), and the fed server

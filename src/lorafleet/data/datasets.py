@@ -1,4 +1,4 @@
-"""Text datasets: the embedded defaults (DESIGN section 5) and any `datasets` source.
+"""Text datasets: the embedded defaults (docs/design.md §8) and any `datasets` source.
 
 Every source becomes one :class:`TextDataset`: a list of ``(text, label id, target)``
 examples and the label names (empty for unlabeled text); ``target`` is the reference output

@@ -25,7 +25,6 @@ exp(mean NLL of the response tokens).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,21 +40,16 @@ from lorafleet.data.datasets import (
     _open_hf,
     _sort_key,
 )
-from lorafleet.data.tasks import (
-    _MAX_EXP,
+from lorafleet.data.tasks.base import (
     IGNORE_INDEX,
     Encoded,
-    Task,
     _bos,
     _chunks,
     _EvalMode,
     _model_device,
-    _to,
-    _token_nll,
-    bleu,
-    greedy_decode,
-    rouge_l,
 )
+from lorafleet.data.tasks.causal import DecodingTask
+from lorafleet.data.tasks.decoding import greedy_decode
 from lorafleet.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -282,13 +276,10 @@ class InstructionEncoded(Encoded):
     reference: str = ""
 
 
-class InstructionTask(Task):
+class InstructionTask(DecodingTask):
     """Instruction tuning (module doc): loss on responses, response perplexity, ROUGE-L."""
 
     kind = "instruction"
-    metric = "rougeL"
-    higher_is_better = True
-    model_head = "causal-lm"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, max_new_tokens: int,
                  dataset: str = "") -> None:
@@ -364,13 +355,6 @@ class InstructionTask(Task):
             out.append(self.encode_messages(example.messages))
         return out
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token NLL over the response tokens only."""
-        batch = _to(batch, _model_device(model))
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        nll, count = _token_nll(out.logits, batch["labels"])
-        return nll / count.clamp(min=1)
-
     def predict(self, model: torch.nn.Module, items: list[Encoded], batch_size: int
                 ) -> list[tuple[str, str]]:
         """``(greedy response, reference)`` for each conversation's last turn."""
@@ -385,31 +369,6 @@ class InstructionTask(Task):
                     text = str(self.tokenizer.decode(output, skip_special_tokens=True)).strip()
                     pairs.append((text, _reference(it)))
         return pairs
-
-    def evaluate(self, model: torch.nn.Module, items: list[Encoded], batch_size: int, *,
-                 decode: bool = True) -> dict[str, float]:
-        """``rougeL`` (mean F, [0, 1]) and ``bleu`` of greedy responses; ``perplexity`` =
-        exp(``eval_loss``), the mean NLL of the response tokens. ``decode=False``:
-        perplexity only."""
-        if not items:
-            raise ValueError("evaluate needs at least one example")
-        device = _model_device(model)
-        total_nll, total_tokens = 0.0, 0
-        with _EvalMode(model):
-            for chunk in _chunks(items, batch_size):
-                batch = _to(self.collate(list(chunk)), device)
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                nll, count = _token_nll(out.logits, batch["labels"])
-                total_nll += float(nll)
-                total_tokens += int(count)
-        loss = total_nll / max(total_tokens, 1)
-        result = {"perplexity": math.exp(loss) if loss < _MAX_EXP else math.inf,
-                  "eval_loss": loss}
-        if decode:
-            predictions, references = zip(*self.predict(model, items, batch_size), strict=True)
-            result.update({self.metric: rouge_l(predictions, references),
-                           "bleu": bleu(predictions, references)})
-        return result
 
 
 def _prompt_length(item: Encoded) -> int:

@@ -9,7 +9,7 @@ PEFT cannot resize a live LoRA module (peft issue 825), hence one adapter per ra
 LoRA scaling of a payload (e.g. FSLoRA's s * r / k) is written into PEFT's per-adapter
 ``scaling`` dict, which its forward multiplies in.
 
-Devices and precision (DESIGN.md section 9): the model lives on one device; tensors go in
+Devices and precision (docs/design.md §12): the model lives on one device; tensors go in
 through ``load`` (copied onto it) and come out of ``read`` as CPU copies, so payloads and
 updates never leave the CPU float32 format. LoRA weights and optimizer state are float32
 under any ``train.precision`` (autocast only changes the matmuls); fp16 steps use a

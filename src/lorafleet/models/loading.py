@@ -1,9 +1,9 @@
 """Loading the frozen base model and its tokenizer, and per-architecture LoRA defaults.
 
-One base model per process (DESIGN section 1): this module loads it once from an embedded
+One base model per process (docs/design.md §2.2): this module loads it once from an embedded
 asset name, a local directory or a hub id; PEFT wraps it later and freezes the base.
 
-LoRA defaults work for any architecture (DESIGN section 9): targets come from PEFT's own
+LoRA defaults work for any architecture (docs/design.md §12): targets come from PEFT's own
 per-architecture mapping where it has one, else from the model's modules; the classifier
 head is every module of a ``*ForSequenceClassification`` outside its base model (BERT's
 classifier, DeBERTa's pooler and classifier, DistilBERT's pre-classifier and classifier),

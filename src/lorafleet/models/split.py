@@ -1,4 +1,4 @@
-"""Cutting a transformers model in two for split learning (DESIGN section 3).
+"""Cutting a transformers model in two for split learning (docs/design.md §4.1).
 
 The device part runs the embeddings and layers [0, s); the server part runs layers [s, L),
 the final norm and the head. Both parts hold the original modules (no copies), so LoRA

@@ -1,4 +1,4 @@
-"""Training one client by split learning: device part, wire, server part (DESIGN.md s3).
+"""Training one client by split learning: device part, wire, server part (docs/design.md §4.1).
 
 Per step the device runs the embeddings and layers [0, s) and ships the activations as
 tensors; the server rebuilds them as a leaf, runs layers [s, L) and the head, computes the

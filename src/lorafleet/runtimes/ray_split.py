@@ -1,4 +1,4 @@
-"""Split learning on Ray: one actor per device and one main-server actor (DESIGN.md s6).
+"""Split learning on Ray: one actor per device and one main-server actor (docs/design.md §9.4).
 
 The fed server (the driver: the same round loop, planning, aggregation, checkpoints as the
 local runtime) trains each split client through :class:`RaySplitTrainer`, a

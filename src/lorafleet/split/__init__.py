@@ -1,4 +1,4 @@
-"""HSplitLoRA's pure math (DESIGN.md section 3): which weights matter, what they cost on a
+"""HSplitLoRA's pure math (docs/design.md §4): which weights matter, what they cost on a
 device, and which split point and ranks each client gets.
 
 - :mod:`~lorafleet.split.importance`: scores s(W) = mean|W ⊙ ∂L/∂W| / (m + n), smoothed Ī.

@@ -1,4 +1,4 @@
-"""Memory and FLOP cost of the device part of a split model (DESIGN.md sections 3-4).
+"""Memory and FLOP cost of the device part of a split model (docs/design.md §4.2).
 
 Client k holds the embeddings and layers [0, s) (s = ``split_point``) and trains LoRA
 adapters on some of their weights; the server holds the rest. Everything here is a closed

@@ -1,4 +1,4 @@
-"""HSplitLoRA part 1: important weight identification (DESIGN.md section 3).
+"""HSplitLoRA part 1: important weight identification (docs/design.md §4.3).
 
 Each candidate weight W (m, n) of a layer (q, k, v, o, gate, up, down, ...) gets a
 resource-normalised gradient–weight score

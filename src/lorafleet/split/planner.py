@@ -1,4 +1,4 @@
-"""HSplitLoRA part 2: adaptive rank and split configuration (DESIGN.md section 3).
+"""HSplitLoRA part 2: adaptive rank and split configuration (docs/design.md §4.4).
 
 Per client, choose the split point s and ranks r_W ∈ Q for the device weights (layers < s)
 maximising the device objective

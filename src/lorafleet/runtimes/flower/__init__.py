@@ -1,5 +1,5 @@
 """lorafleet on Flower: a ServerApp whose Strategy runs any federated algorithm, and a
-ClientApp that trains one fleet client per node (DESIGN.md section 6).
+ClientApp that trains one fleet client per node (docs/design.md §9.2).
 
 - :mod:`~lorafleet.runtimes.flower.strategy`: :class:`FederatedStrategy` (Message API);
 - :mod:`~lorafleet.runtimes.flower.server_app`: :func:`serve` and the ``flwr run`` ServerApp;
