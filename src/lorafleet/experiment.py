@@ -17,7 +17,6 @@ import torch
 from lorafleet.algorithms import (
     ClientInfo,
     FederatedAlgorithm,
-    HetLoRASplit,
     HSplitLoRA,
     HSplitLoRAPadded,
     SplitContext,
@@ -204,37 +203,35 @@ def build_experiment(cfg: ExperimentConfig, device: torch.device | None = None) 
         steps *= per_round
         parts = [sorted(i for part in parts for i in part)]
         profiles = profiles[:1]
+    options = cfg.algorithm_options()
     ctx = (split_context(cfg, model, base, profiles,
-                         per_device_ranks=issubclass(algo_cls, HetLoRASplit),
-                         needs_fixed_split=not (issubclass(algo_cls, HSplitLoRA)
-                                                and cfg.hsplitlora.adaptive))
+                         per_device_ranks=algo_cls.per_device_ranks,
+                         needs_fixed_split=algo_cls.needs_fixed_split(options))
            if algo_cls.split_learning else None)
-    if algo_cls.homogeneous or issubclass(algo_cls, HSplitLoRA):  # HSplitLoRA: its planner
-        ranks = [cfg.lora.rank] * len(parts)
-    elif ctx is not None:
-        ranks = budget_ranks(ctx, cfg.lora.rank)
-    else:
-        ranks = sketch_sizes(cfg.fleet, profiles, cfg.lora.rank, cfg.seed)
+
+    def budgets() -> list[int]:
+        if ctx is None:
+            raise ConfigError("algorithm", f"{cfg.algorithm} gives ranks by device budget, "
+                              "which only the split family has")
+        return budget_ranks(ctx, cfg.lora.rank)
+
+    ranks = algo_cls.client_ranks(
+        options, rank=cfg.lora.rank, count=len(parts), budgets=budgets,
+        fleet=lambda: sketch_sizes(cfg.fleet, profiles, cfg.lora.rank, cfg.seed))
     clients = [ClientInfo(id=i, rank=ranks[i], num_examples=len(parts[i]))
                for i in range(len(parts))]
     algorithm = algo_cls(
         model.spec,
         seed=cfg.seed,
+        options=options,
         server_optimizer=cfg.train.server_optimizer,
         server_lr=cfg.train.server_lr,
         aggregation_weights=cfg.train.aggregation_weights,
-        hetlora_weights=cfg.hetlora.weights,
-        self_pruning=cfg.hetlora.self_pruning,
-        prune_gamma=cfg.hetlora.prune_gamma,
         robust_aggregation=cfg.robust.aggregation,
         trim_fraction=cfg.robust.trim_fraction,
         split_context=ctx,
-        **cfg.hsplitlora.model_dump(),
     )
-    if isinstance(algorithm, HSplitLoRA):  # a budget the planner refuses fails here, not later
-        initial = algorithm.init_state()
-        for client in clients:
-            algorithm.client_plan(initial, client)
+    algorithm.check_clients(clients)  # a fleet the method cannot plan for fails here
     return Experiment(
         cfg=cfg,
         task=task,

@@ -22,11 +22,13 @@ from lorafleet.algorithms.base import (
     Tensors,
     aggregation_weights,
 )
+from lorafleet.algorithms.registry import register
 from lorafleet.algorithms.robust import clip_factors, combine, l2_norm
 
 __all__ = ["FedAvg"]
 
 
+@register
 class FedAvg(FederatedAlgorithm):
     """FedAvg of LoRA factors at one homogeneous rank r (every k_i is r)."""
 

@@ -31,6 +31,7 @@ from lorafleet.algorithms.base import (
     aggregation_weights,
     lora_key,
 )
+from lorafleet.algorithms.registry import register
 from lorafleet.errors import ConfigError
 
 __all__ = ["FlexLoRA", "factored_svd", "svd_key", "truncated_svd"]
@@ -68,6 +69,7 @@ def factored_svd(b_stack: torch.Tensor, a_stack: torch.Tensor, rank: int
     return (q_b @ u_core[:, :rank]), s[:rank], (vh_core[:rank, :] @ q_a.T)
 
 
+@register
 class FlexLoRA(FederatedAlgorithm):
     """FlexLoRA: ΔW = sum_i p_i s_i B_i A_i, SVD, top-r_max kept, each client gets its top-k_i.
 
@@ -84,8 +86,8 @@ class FlexLoRA(FederatedAlgorithm):
     robust_refusal: ClassVar[str] = (
         "averages the clients' products s_i B_i A_i and re-factors them by SVD")
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
+    def __init__(self, spec: AdapterSpec, *, seed: int, **settings: Any) -> None:
+        super().__init__(spec, seed=seed, **settings)
         for module, (m, n) in spec.modules.items():
             if spec.rank > min(m, n):
                 raise ConfigError(

@@ -22,12 +22,11 @@ module), although a remote client could draw it from the seed.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from lorafleet.algorithms.base import (
-    AdapterSpec,
     ClientInfo,
     ClientResult,
     FederatedAlgorithm,
@@ -39,6 +38,7 @@ from lorafleet.algorithms.base import (
     derive_seed,
     lora_key,
 )
+from lorafleet.algorithms.registry import register
 
 __all__ = ["FLoRA", "fresh_lora_A", "low_rank_svd", "stack_adapters"]
 
@@ -126,6 +126,7 @@ def _delta_key(module: str) -> str:
     return f"{module}.delta"
 
 
+@register
 class FLoRA(FederatedAlgorithm):
     """FLoRA: fresh per-client adapters each round, stacked exactly and merged into the base.
 
@@ -144,9 +145,6 @@ class FLoRA(FederatedAlgorithm):
     client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # B_i A_i is the update
     averages_models: ClassVar[bool] = True
     robust_refusal: ClassVar[str] = "stacks the clients' factors into an exact sum"
-
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
 
     def init_state(self) -> ServerState:
         """Zero cumulative deltas and the initial dense values; no stack yet."""

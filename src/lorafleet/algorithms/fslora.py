@@ -31,6 +31,7 @@ from lorafleet.algorithms.base import (
     derive_seed,
     lora_key,
 )
+from lorafleet.algorithms.registry import register
 from lorafleet.algorithms.robust import clip_factors, l2_norm
 from lorafleet.algorithms.server_opt import server_step
 
@@ -58,6 +59,7 @@ def sketch_matrix(indices: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.diag(diag)
 
 
+@register
 class FSLoRA(FederatedAlgorithm):
     """Federated sketching LoRA with plain-average or Adam(W) server steps.
 
@@ -73,10 +75,10 @@ class FSLoRA(FederatedAlgorithm):
         "averages sketched deltas: a client sends k_i of the r ranks, so a coordinate-wise "
         "statistic over clients would count the ranks it did not train as zeros")
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
-        self.server_optimizer = str(options.get("server_optimizer", "avg"))
-        self.server_lr = float(options.get("server_lr", 1.0))
+    def __init__(self, spec: AdapterSpec, *, seed: int, **settings: Any) -> None:
+        super().__init__(spec, seed=seed, **settings)
+        self.server_optimizer = str(settings.get("server_optimizer", "avg"))
+        self.server_lr = float(settings.get("server_lr", 1.0))
 
     def _params_keys(self) -> list[str]:
         keys = [lora_key(m, w) for m in self.spec.modules for w in ("A", "B")]

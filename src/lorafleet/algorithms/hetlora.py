@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
+from pydantic import Field
 
 from lorafleet.algorithms.base import (
     AdapterSpec,
@@ -43,11 +44,27 @@ from lorafleet.algorithms.base import (
     aggregation_weights,
     lora_key,
 )
-from lorafleet.errors import ConfigError
+from lorafleet.algorithms.registry import register
+from lorafleet.section import Section
 
-__all__ = ["HETLORA_WEIGHTS", "HetLoRA", "pruned_rank", "trailing_rank_ratio"]
+__all__ = ["HETLORA_WEIGHTS", "HetLoRA", "HetLoRAOptions", "pruned_rank", "trailing_rank_ratio"]
 
 HETLORA_WEIGHTS = ("norm", "uniform")
+
+
+class HetLoRAOptions(Section):
+    """HetLoRA's options (config section ``hetlora:``; hetlora-split reads them too)."""
+
+    weights: Literal["norm", "uniform"] = Field(
+        "norm",
+        description="HetLoRA aggregation weights: norm (||s B_i A_i||_F, the paper's) or "
+        "uniform (plain zero-padding).",
+    )
+    self_pruning: bool = Field(False, description="HetLoRA local rank self-pruning.")
+    prune_gamma: float = Field(
+        0.99, gt=0, lt=1,
+        description="Self-pruning drops the last rank when it carries < 1 - gamma of the norm.",
+    )
 
 
 def trailing_rank_ratio(factors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
@@ -78,19 +95,15 @@ def pruned_rank(rank: int, ratio: float | None, gamma: float) -> int:
     return rank
 
 
+@register
 class HetLoRA(FederatedAlgorithm):
     """HetLoRA: truncate the global rank-r_max adapter per client, zero-pad and re-weight back.
 
-    Options:
-        aggregation_weights: p_i, "uniform" (1/|S_t|) | "examples" (proportional to n_i);
-            used for the dense values, for ``hetlora_weights="uniform"``, and as the fallback.
-        hetlora_weights: "norm" (the paper's sparsity weights, default) | "uniform" (p_i: the
-            zero-padding baseline). If every client's ||s B_i A_i||_F of a module is 0, that
-            module falls back to p_i.
-        self_pruning: lower a client's rank by one when its trailing component is small.
-        prune_gamma: gamma in (0, 1) of the pruning test (default 0.99).
-        server_optimizer: must be "avg" (HetLoRA averages models, not pseudo-gradients).
-        server_lr: not used.
+    Options: :class:`HetLoRAOptions` (``hetlora.weights``: "norm", the paper's sparsity
+    weights, or "uniform", p_i: the zero-padding baseline; if every client's ||s B_i A_i||_F
+    of a module is 0, that module falls back to p_i; ``self_pruning``, ``prune_gamma``).
+    ``aggregation_weights`` gives p_i, used for the dense values, for ``weights="uniform"``
+    and as the fallback; ``server_optimizer`` must be "avg" (HetLoRA averages models).
     """
 
     name: ClassVar[str] = "hetlora"
@@ -98,17 +111,17 @@ class HetLoRA(FederatedAlgorithm):
     averages_models: ClassVar[bool] = True
     robust_refusal: ClassVar[str] = (
         "averages zero-padded factors of different ranks with norm-based weights")
+    Options: ClassVar[type[Section]] = HetLoRAOptions
+    options_section: ClassVar[str | None] = "hetlora"
+    legacy_options: ClassVar[dict[str, str]] = {"hetlora_weights": "weights"}
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
-        self.factor_weighting = str(options.get("hetlora_weights", "norm"))
-        if self.factor_weighting not in HETLORA_WEIGHTS:
-            raise ConfigError("hetlora.weights", f"must be one of {', '.join(HETLORA_WEIGHTS)}, "
-                              f"not {self.factor_weighting!r}")
-        self.self_pruning = bool(options.get("self_pruning", False))
-        self.prune_gamma = float(options.get("prune_gamma", 0.99))
-        if not 0.0 < self.prune_gamma < 1.0:
-            raise ConfigError("hetlora.prune_gamma", f"must be in (0, 1), not {self.prune_gamma}")
+    def __init__(self, spec: AdapterSpec, *, seed: int, options: Section | None = None,
+                 **settings: Any) -> None:
+        super().__init__(spec, seed=seed, options=options, **settings)
+        opts = cast(HetLoRAOptions, self.options)
+        self.factor_weighting: str = opts.weights
+        self.self_pruning = opts.self_pruning
+        self.prune_gamma = opts.prune_gamma
 
     def _params_keys(self) -> list[str]:
         keys = [lora_key(m, w) for m in self.spec.modules for w in ("A", "B")]
