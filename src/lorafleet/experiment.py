@@ -17,8 +17,6 @@ import torch
 from lorafleet.algorithms import (
     ClientInfo,
     FederatedAlgorithm,
-    HSplitLoRA,
-    HSplitLoRAPadded,
     SplitContext,
     algorithm_class,
 )
@@ -75,12 +73,9 @@ def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> N
 
 
 def resolve_algorithm(cfg: ExperimentConfig) -> type[FederatedAlgorithm]:
-    """The class that runs ``cfg.algorithm`` (HSplitLoRA without noise-free aggregation is
-    its padded variant)."""
-    cls = algorithm_class(cfg.algorithm)
-    if cls is HSplitLoRA and not cfg.hsplitlora.noise_free:
-        return HSplitLoRAPadded
-    return cls
+    """The class that runs ``cfg.algorithm`` (its options, not its class, choose variants
+    such as HSplitLoRA's aggregation rule)."""
+    return algorithm_class(cfg.algorithm)
 
 
 def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Module,

@@ -224,7 +224,8 @@ class FederatedAlgorithm(ABC):
     Class attributes:
         name: the registry name (``algorithm:`` in a config).
         homogeneous: every client trains the global rank r (client budgets are ignored).
-        merges_into_base: the global model lives in the base weights (``base_delta``).
+        merges_into_base: the global model lives in the base weights (``base_delta``); an
+            instance may set its own (HSplitLoRA: by its ``noise_free`` option).
         client_returns: what ``client_update`` sends back by default: the ``"deltas"`` from
             the payload, or the trained ``"values"`` themselves.
         averages_models: the server averages client adapters, so a FedOpt server optimizer
@@ -255,7 +256,7 @@ class FederatedAlgorithm(ABC):
 
     name: ClassVar[str]
     homogeneous: ClassVar[bool] = False
-    merges_into_base: ClassVar[bool] = False
+    merges_into_base: bool = False
     client_returns: ClassVar[Literal["deltas", "values"]] = "deltas"
     averages_models: ClassVar[bool] = False
     split_learning: ClassVar[bool] = False
@@ -382,13 +383,9 @@ class FederatedAlgorithm(ABC):
         self, results: list[tuple[ClientInfo, Payload, ClientResult]], weights: list[float]
     ) -> Tensors:
         """sum_i p_i x_i for every dense (non-LoRA) parameter x, from clients' values."""
-        out: Tensors = {}
-        for name in self.spec.dense:
-            out[name] = sum(  # type: ignore[assignment]
-                (w * res.tensors[name] for w, (_, _, res) in zip(weights, results, strict=True)),
-                torch.zeros_like(results[0][2].tensors[name]),
-            )
-        return out
+        from lorafleet.algorithms.aggregation import weighted_sum  # it imports this module
+
+        return weighted_sum([res.tensors for _, _, res in results], weights, list(self.spec.dense))
 
     @abstractmethod
     def aggregate(

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from lorafleet.algorithms.aggregation import state_key
 from lorafleet.algorithms.base import (
     AdapterSpec,
     ClientInfo,
@@ -38,8 +39,9 @@ __all__ = ["FlexLoRA", "factored_svd", "svd_key", "truncated_svd"]
 
 
 def svd_key(module: str, which: str) -> str:
-    """Name of a server SVD factor in the state: ``svd_key("q", "U") == "q.U"`` (U, S or Vh)."""
-    return f"{module}.{which}"
+    """Name of a server SVD factor in the state: ``svd_key("q", "U") == "q.U"`` (U, S or Vh;
+    :func:`~lorafleet.algorithms.aggregation.state_key`'s scheme)."""
+    return state_key(module, which)
 
 
 def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lorafleet.algorithms.aggregation import rank_r_adapter, scatter_sketch
 from lorafleet.algorithms.base import (
     AdapterSpec,
     ClientInfo,
@@ -129,8 +130,8 @@ class FSLoRA(FederatedAlgorithm):
             k = self.client_rank(client)
             for module in self.spec.modules:
                 idx = sketch_indices(self.seed, round, client.id, module, r, k)
-                grad[lora_key(module, "A")][idx, :] += p * result.tensors[lora_key(module, "A")]
-                grad[lora_key(module, "B")][:, idx] += p * result.tensors[lora_key(module, "B")]
+                scatter_sketch(grad, module, idx, result.tensors[lora_key(module, "B")],
+                               result.tensors[lora_key(module, "A")], p)
             for name in self.spec.dense:
                 grad[name] += p * result.tensors[name]
         new_params, opt_tensors, meta = server_step(
@@ -140,6 +141,4 @@ class FSLoRA(FederatedAlgorithm):
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
         """The global rank-r adapter with scaling s."""
-        tensors = {k: state.tensors[k] for k in self._params_keys()}
-        return GlobalAdapter(tensors=tensors, rank=self.spec.rank,
-                             scaling=self.spec.scaling(self.spec.rank))
+        return rank_r_adapter(self.spec, state.tensors)

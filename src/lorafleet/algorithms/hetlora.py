@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 from pydantic import Field
 
+from lorafleet.algorithms.aggregation import rank_r_adapter, zero_padded_average
 from lorafleet.algorithms.base import (
     AdapterSpec,
     ClientInfo,
@@ -183,19 +184,13 @@ class HetLoRA(FederatedAlgorithm):
         r = self.spec.rank
         p = aggregation_weights(results, self.weighting)
         new: Tensors = {}
-        for module, (m, n) in self.spec.modules.items():
+        for module in self.spec.modules:
             key_a, key_b = lora_key(module, "A"), lora_key(module, "B")
             factors = [(res.tensors[key_b], res.tensors[key_a]) for _, _, res in results]
             scalings = [payload.scaling[module] for _, payload, _ in results]
             weights = self.factor_weights(factors, scalings, p)
-            a_new = torch.zeros(r, n, dtype=state.tensors[key_a].dtype)
-            b_new = torch.zeros(m, r, dtype=state.tensors[key_b].dtype)
-            for w, (b, a) in zip(weights, factors, strict=True):
-                k = a.shape[0]
-                # HetLoRA: zero-padding, rows/columns >= k_i get nothing from client i
-                a_new[:k, :] += w * a
-                b_new[:, :k] += w * b
-            new[key_a], new[key_b] = a_new, b_new
+            new[key_b], new[key_a] = zero_padded_average(factors, weights, r,
+                                                         state.tensors[key_a].dtype)
         new.update(self.average_dense(results, p))
         meta = dict(state.meta)
         if self.self_pruning:
@@ -211,6 +206,4 @@ class HetLoRA(FederatedAlgorithm):
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
         """The global rank-r_max adapter with scaling s(r_max)."""
-        tensors = {k: state.tensors[k] for k in self._params_keys()}
-        return GlobalAdapter(tensors=tensors, rank=self.spec.rank,
-                             scaling=self.spec.scaling(self.spec.rank))
+        return rank_r_adapter(self.spec, state.tensors)

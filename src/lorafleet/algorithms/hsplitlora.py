@@ -3,7 +3,10 @@
 Part 1 tracks each adapted weight's importance; part 2 plans, per client, a split point and
 a rank per weight under its device's memory (and FLOP) budget
 (:func:`~lorafleet.split.planner.plan_client`); part 3 stacks the clients' fresh adapters
-exactly and merges them into the base. Each part can be switched off (``hsplitlora:``).
+exactly and merges them into the base. Each part can be switched off (``hsplitlora:``);
+without part 3 (``noise_free: false``) the same class keeps a rank-r global adapter that
+clients train truncated and the server averages zero-padded: the aggregation rule is the
+option, composed from :mod:`lorafleet.algorithms.aggregation`, not another class.
 """
 
 from __future__ import annotations
@@ -16,10 +19,19 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 from pydantic import Field
 
+from lorafleet.algorithms.aggregation import (
+    exact_merged_adapter,
+    merged_adapter,
+    rank_r_adapter,
+    stack_and_merge,
+    state_key,
+    zero_padded_average,
+)
 from lorafleet.algorithms.base import (
     AdapterSpec,
     ClientInfo,
     ClientResult,
+    FederatedAlgorithm,
     GlobalAdapter,
     Payload,
     ServerState,
@@ -27,7 +39,7 @@ from lorafleet.algorithms.base import (
     aggregation_weights,
     lora_key,
 )
-from lorafleet.algorithms.flora import FLoRA, fresh_lora_A, stack_adapters
+from lorafleet.algorithms.flora import fresh_lora_A
 from lorafleet.algorithms.registry import register
 from lorafleet.algorithms.split import IMPORTANCE_PREFIX, Key, _SplitFamily
 from lorafleet.errors import LorafleetError
@@ -70,28 +82,36 @@ class HSplitLoRAOptions(Section):
 
 
 @register
-class HSplitLoRA(_SplitFamily, FLoRA):
+class HSplitLoRA(_SplitFamily, FederatedAlgorithm):
     """HSplitLoRA: importance, adaptive split and ranks, noise-free aggregation.
 
-    State: FLoRA's (cumulative ``"<module>.delta"``, last stack, dense values) plus in
-    ``meta``: the importance tracker, the importance snapshot the current plans were made
+    State (``noise_free``, part 3): FLoRA's (cumulative ``"<module>.delta"``, last stack,
+    dense values); without it: the global rank-r adapter and dense values. Both keep in
+    ``meta`` the importance tracker, the importance snapshot the current plans were made
     from (``None``: uniform) and a plan version that counts re-plans.
 
-    Per round each client gets fresh adapters (A seeded, B = 0) at its own ranks per module
-    (rank 0: no adapter; device layers from Q by the planner, the server's per-client
-    adapters of layers >= s at ``lora.rank``), scaling alpha / r per module; its payload
-    asks the trainer to probe importance on its first step. ``aggregate`` stacks, per
-    module, every client that adapted it: W0 ← W0 + Σ_k p_k s_k B_k A_k (p_k over the
-    round's clients), folds the clients' importance scores (p-weighted means) into the
-    tracker with round t as the step, and
+    Per round each client gets, at its own ranks per module (rank 0: no adapter; device
+    layers from Q by the planner, the server's per-client adapters of layers >= s at
+    ``lora.rank``), fresh adapters (A seeded, B = 0) with scaling alpha / r per module
+    (``noise_free``), or the global adapter truncated to those ranks with the global scaling
+    (ranks capped at r); its payload asks the trainer to probe importance on its first step.
+    ``aggregate`` combines, per module, every client that adapted it: W0 ← W0 + Σ_k p_k s_k
+    B_k A_k (``noise_free``: stacked and merged into the base) or the zero-padded average of
+    A and B with p_k renormalised over those clients (HetLoRA); then it folds the clients'
+    importance scores (p-weighted means) into the tracker with round t as the step, and
     re-plans every client when the normalised importance moved past ``replan_threshold``.
 
-    Options (from ``hsplitlora:``): ``importance``, ``adaptive``, ``replan_threshold``,
-    ``split_policy``, ``tau``; ``split_context`` from the experiment.
+    Options: :class:`HSplitLoRAOptions` (``hsplitlora:``); ``split_context`` from the
+    experiment.
     """
 
     name: ClassVar[str] = "hsplitlora"
     adapts_all_weights: ClassVar[bool] = True
+    client_returns: ClassVar[Literal["deltas", "values"]] = "values"  # trained factors
+    averages_models: ClassVar[bool] = True
+    robust_refusal: ClassVar[str] = (
+        "stacks the clients' factors into an exact sum (without noise_free: averages "
+        "zero-padded factors of different ranks)")
     Options: ClassVar[type[Section]] = HSplitLoRAOptions
     options_section: ClassVar[str | None] = "hsplitlora"
 
@@ -101,6 +121,8 @@ class HSplitLoRA(_SplitFamily, FLoRA):
         opts = cast(HSplitLoRAOptions, self.options)
         self.use_importance = opts.importance
         self.adaptive = opts.adaptive
+        self.noise_free = opts.noise_free
+        self.merges_into_base = opts.noise_free
         self.replan_threshold = opts.replan_threshold
         self.split_policy: Literal["objective", "deepest"] = opts.split_policy
         self.tau = opts.tau
@@ -128,14 +150,28 @@ class HSplitLoRA(_SplitFamily, FLoRA):
 
     # ------------------------------------------------------------------ planning
     def _rank_set(self) -> tuple[int, ...]:
-        return self.ctx.rank_set
+        """Q; without noise_free capped at the global rank r (a truncation cannot be larger
+        than the global adapter)."""
+        q = self.ctx.rank_set
+        if self.noise_free:
+            return q
+        return tuple(r for r in q if r <= self.spec.rank) or (self.spec.rank,)
 
     def init_state(self) -> ServerState:
-        """FLoRA's zero deltas plus an empty importance tracker and no plan snapshot."""
-        state = super().init_state()
-        state.meta = {"tracker": ImportanceTracker(tau=self.tau).state_dict(),
-                      "snapshot": None, "plan_version": 0}
-        return state
+        """Zero deltas (noise_free) or the initial rank-r adapter, the initial dense values,
+        an empty importance tracker and no plan snapshot."""
+        if self.noise_free:
+            tensors: Tensors = {}
+            for module, (m, n) in self.spec.modules.items():
+                dtype = self.spec.initial[lora_key(module, "A")].dtype
+                tensors[state_key(module, "delta")] = torch.zeros(m, n, dtype=dtype)
+            for name in self.spec.dense:
+                tensors[name] = self.spec.initial[name].clone()
+        else:
+            tensors = {k: v.clone() for k, v in self.spec.initial.items()}
+        return ServerState(tensors=tensors, meta={
+            "tracker": ImportanceTracker(tau=self.tau).state_dict(), "snapshot": None,
+            "plan_version": 0})
 
     def _importance(self, snapshot: Mapping[str, float] | None) -> dict[Key, float]:
         """Ī per (layer, weight) the plan uses: the snapshot, or 1 for every adapted weight
@@ -195,35 +231,40 @@ class HSplitLoRA(_SplitFamily, FLoRA):
 
     # ------------------------------------------------------------------ rounds
     def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
-        """Fresh adapters at the client's ranks (B = 0, seeded A), its split point and cost,
-        the probe request, and the previous stack of its device modules in ``extra``."""
+        """The client's adapters at its ranks (fresh, or the truncated global adapter), its
+        split point and cost, the probe request, and (noise_free) the previous stack of its
+        device modules in ``extra``."""
         split, ranks, _ = self.client_plan(state, client)
+        active = {m: r for m, r in ranks.items() if r > 0}
         tensors: Tensors = {}
         extra: Tensors = {}
-        active = {m: r for m, r in ranks.items() if r > 0}
-        for module, r in active.items():
-            m, n = self.spec.modules[module]
-            dtype = self.spec.initial[lora_key(module, "A")].dtype
-            a = fresh_lora_A(self.seed, round, client.id, module, r, n).to(dtype)
-            tensors[lora_key(module, "A")] = a
-            tensors[lora_key(module, "B")] = torch.zeros(m, r, dtype=dtype)
-        for module, key in self.ctx.weights.items():
-            if key is not None and key[0] < split:  # the device merges its own layers' update
-                for which in ("B", "A"):
-                    stacked = state.tensors.get(f"{module}.stack_{which}")
-                    if stacked is not None:
-                        extra[f"{module}.stack_{which}"] = stacked
+        if self.noise_free:
+            for module, r in active.items():
+                m, n = self.spec.modules[module]
+                dtype = self.spec.initial[lora_key(module, "A")].dtype
+                a = fresh_lora_A(self.seed, round, client.id, module, r, n).to(dtype)
+                tensors[lora_key(module, "A")] = a
+                tensors[lora_key(module, "B")] = torch.zeros(m, r, dtype=dtype)
+            for module, key in self.ctx.weights.items():
+                if key is not None and key[0] < split:  # the device merges its layers' update
+                    for which in ("B", "A"):
+                        stacked = state.tensors.get(state_key(module, f"stack_{which}"))
+                        if stacked is not None:
+                            extra[state_key(module, f"stack_{which}")] = stacked
+            scaling = {m: self.spec.scaling(r) for m, r in active.items()}
+        else:
+            for module, r in active.items():
+                # HetLoRA: client i gets the truncation B[:, :k_i], A[:k_i, :]
+                tensors[lora_key(module, "A")] = state.tensors[lora_key(module, "A")][:r].clone()
+                tensors[lora_key(module, "B")] = state.tensors[lora_key(module, "B")][:, :r
+                                                                                      ].clone()
+            scaling = dict.fromkeys(active, self.spec.scaling(self.spec.rank))
         for name in self.spec.dense:
             tensors[name] = state.tensors[name].clone()
         config = self.ctx.client_config(client, split, active)
         config["probe_importance"] = self.use_importance and self.adaptive
-        return Payload(tensors=tensors, ranks=active,
-                       scaling={m: self.spec.scaling(r) for m, r in active.items()},
-                       config=config, extra=extra)
-
-    def expected_update_shapes(self, payload: Payload) -> dict[str, tuple[int, ...]]:
-        """The payload's shapes: the client returns its trained fresh factors."""
-        return {k: tuple(v.shape) for k, v in payload.tensors.items()}
+        return Payload(tensors=tensors, ranks=active, scaling=scaling, config=config,
+                       extra=extra)
 
     def aggregate(
         self,
@@ -231,25 +272,28 @@ class HSplitLoRA(_SplitFamily, FLoRA):
         results: list[tuple[ClientInfo, Payload, ClientResult]],
         round: int,
     ) -> ServerState:
-        """Stack per module over the clients that adapted it and merge; track importance."""
+        """Per module over the clients that adapted it: stack and merge (noise_free) or
+        average zero-padded; dense averaged; importance tracked."""
         if not results:
             kept = {k: v for k, v in state.tensors.items() if ".stack_" not in k}
             return ServerState(tensors=kept, meta=dict(state.meta))
         p = aggregation_weights(results, self.weighting)
-        new: Tensors = {k: v for k, v in state.tensors.items() if ".stack_" not in k}
-        for module in self.spec.modules:
-            idx = [i for i, (_, payload, _) in enumerate(results) if module in payload.ranks]
-            if not idx:
-                continue
-            factors = [(results[i][2].tensors[lora_key(module, "B")],
-                        results[i][2].tensors[lora_key(module, "A")]) for i in idx]
-            scalings = [results[i][1].scaling[module] for i in idx]
-            b_stack, a_stack = stack_adapters(factors, [p[i] for i in idx], scalings)
-            delta = state.tensors[f"{module}.delta"]
+        if self.noise_free:
             # HSplitLoRA: W0 <- W0 + Σ_k p_k s_k B_k A_k over the clients that adapted W
-            new[f"{module}.delta"] = (delta.double() + b_stack.double() @ a_stack.double()
-                                      ).to(delta.dtype)
-            new[f"{module}.stack_B"], new[f"{module}.stack_A"] = b_stack, a_stack
+            new = stack_and_merge(self.spec, state, results, p)
+        else:
+            new = dict(state.tensors)
+            for module in self.spec.modules:
+                idx = [i for i, (_, pl, _) in enumerate(results) if module in pl.ranks]
+                if not idx:
+                    continue
+                total = sum(p[i] for i in idx)
+                key_a, key_b = lora_key(module, "A"), lora_key(module, "B")
+                factors = [(results[i][2].tensors[key_b], results[i][2].tensors[key_a])
+                           for i in idx]
+                new[key_b], new[key_a] = zero_padded_average(
+                    factors, [p[i] / total for i in idx], self.spec.rank,
+                    state.tensors[key_a].dtype)
         new.update(self.average_dense(results, p))
         return ServerState(tensors=new, meta=self._track(state.meta, results, p, round))
 
@@ -287,78 +331,24 @@ class HSplitLoRA(_SplitFamily, FLoRA):
             out["replans"] = [*out.get("replans", []), round]
         return out
 
-
-class HSplitLoRAPadded(HSplitLoRA):
-    """HSplitLoRA without part 3 (ablation): the same plans, but a global adapter of rank
-    max(Q ∩ [1, r]) that clients train truncated and the server averages zero-padded per
-    module over the clients that adapted it (HetLoRA, uniform weights), instead of stacking."""
-
-    merges_into_base: ClassVar[bool] = False
-    client_returns: ClassVar[Literal["deltas", "values"]] = "values"
-    robust_refusal: ClassVar[str] = "averages zero-padded factors of different ranks"
-
-    def _rank_set(self) -> tuple[int, ...]:
-        """Q capped at the global rank r (a truncation cannot be larger than the global)."""
-        return tuple(q for q in self.ctx.rank_set if q <= self.spec.rank) or (self.spec.rank,)
-
-    def init_state(self) -> ServerState:
-        """The initial global adapter (rank r) and dense values, plus the planning meta."""
-        meta = super().init_state().meta
-        return ServerState(tensors={k: v.clone() for k, v in self.spec.initial.items()},
-                           meta=meta)
-
-    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
-        """The global adapter truncated to the client's rank per module, global scaling."""
-        split, ranks, _ = self.client_plan(state, client)
-        active = {m: r for m, r in ranks.items() if r > 0}
-        tensors: Tensors = {}
-        for module, r in active.items():
-            tensors[lora_key(module, "A")] = state.tensors[lora_key(module, "A")][:r].clone()
-            tensors[lora_key(module, "B")] = state.tensors[lora_key(module, "B")][:, :r].clone()
-        for name in self.spec.dense:
-            tensors[name] = state.tensors[name].clone()
-        config = self.ctx.client_config(client, split, active)
-        config["probe_importance"] = self.use_importance and self.adaptive
-        s = self.spec.scaling(self.spec.rank)
-        return Payload(tensors=tensors, ranks=active, scaling=dict.fromkeys(active, s),
-                       config=config)
-
-    def aggregate(
-        self,
-        state: ServerState,
-        results: list[tuple[ClientInfo, Payload, ClientResult]],
-        round: int,
-    ) -> ServerState:
-        """Zero-padded average of A and B per module over the clients that adapted it."""
-        if not results:
-            return state
-        p = aggregation_weights(results, self.weighting)
-        new = dict(state.tensors)
-        for module in self.spec.modules:
-            idx = [i for i, (_, payload, _) in enumerate(results) if module in payload.ranks]
-            if not idx:
-                continue
-            total = sum(p[i] for i in idx)
-            key_a, key_b = lora_key(module, "A"), lora_key(module, "B")
-            a_new = torch.zeros_like(state.tensors[key_a])
-            b_new = torch.zeros_like(state.tensors[key_b])
-            for i in idx:
-                a, b = results[i][2].tensors[key_a], results[i][2].tensors[key_b]
-                k = a.shape[0]
-                # HetLoRA: zero-padding, rows/columns >= k_i get nothing from client i
-                a_new[:k] += (p[i] / total) * a
-                b_new[:, :k] += (p[i] / total) * b
-            new[key_a], new[key_b] = a_new, b_new
-        new.update(self.average_dense(results, p))
-        return ServerState(tensors=new, meta=self._track(state.meta, results, p, round))
-
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
-        """The global rank-r adapter with scaling s(r)."""
-        keys = [lora_key(m, w) for m in self.spec.modules for w in ("A", "B")]
-        tensors = {k: state.tensors[k] for k in [*keys, *self.spec.dense]}
-        return GlobalAdapter(tensors=tensors, rank=self.spec.rank,
-                             scaling=self.spec.scaling(self.spec.rank))
+        """The merged base with a zero-effect adapter (noise_free), else the global rank-r
+        adapter with scaling s(r)."""
+        if self.noise_free:
+            return merged_adapter(self.spec, state)
+        return rank_r_adapter(self.spec, state.tensors)
 
     def exact_adapter(self, state: ServerState) -> GlobalAdapter | None:
-        """Not merged: ``global_adapter`` is the model."""
-        return None
+        """noise_free: the merged deltas as one exact adapter (by SVD); else None (the
+        global adapter is the model)."""
+        return exact_merged_adapter(self.spec, state) if self.noise_free else None
+
+
+class HSplitLoRAPadded(HSplitLoRA):
+    """HSplitLoRA with ``noise_free: false`` (the part-3 ablation), under its former class
+    name; the config selects it by the option, not by this class."""
+
+    def __init__(self, spec: AdapterSpec, *, seed: int, options: Section | None = None,
+                 **settings: Any) -> None:
+        opts = self.parse_options(options, settings).model_copy(update={"noise_free": False})
+        super().__init__(spec, seed=seed, options=opts, **settings)
