@@ -22,6 +22,7 @@ from lorafleet.algorithms import (
 )
 from lorafleet.algorithms.base import Batch, derive_seed
 from lorafleet.algorithms.split import budget_ranks, common_split_point, weight_of
+from lorafleet.client_state import ClientStore
 from lorafleet.config import DataConfig, DeviceProfile, ExperimentConfig
 from lorafleet.data.datasets import TextDataset, load_text_dataset, train_eval_split
 from lorafleet.data.partition import partition_indices, partition_summary
@@ -35,7 +36,8 @@ from lorafleet.split.cost import ModelDims, WeightFormat
 from lorafleet.split.planner import check_rank_set
 
 __all__ = ["Experiment", "build_experiment", "check_config", "client_batches", "derive_seed",
-           "resolve_algorithm", "sample_clients", "split_context", "with_local_data"]
+           "personal_share", "resolve_algorithm", "sample_clients", "split_context",
+           "with_local_data"]
 
 
 @dataclass
@@ -56,6 +58,10 @@ class Experiment:
     steps_per_round: int
     split: SplitContext | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    # personalised methods: each client's own held-out share (indices into train_items)
+    personal_parts: list[list[int]] | None = None
+    # what each client keeps between rounds (methods with keeps_client_state)
+    client_state: ClientStore = dataclasses.field(default_factory=ClientStore)
 
 
 def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> None:
@@ -68,6 +74,10 @@ def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> N
             raise ConfigError("train.gradient_checkpointing", f"{cfg.algorithm} is split "
                               "learning, whose cut the recomputation would not see; it must "
                               "be false (split.split_point already bounds device memory)")
+    if (cls.keeps_client_state or cls.local_only) and cfg.runtime != "local":
+        why = ("keeps state on each client, which only the local runtime stores so far"
+               if cls.keeps_client_state else "is implemented for the local runtime only")
+        raise ConfigError("runtime", f"{cfg.algorithm} {why} (allowed: local)")
     check_device(cfg, device or resolve_device(cfg.device), split_learning=cls.split_learning)
     resolve_algorithm(cfg).check_robust(cfg.robust.aggregation, cfg.train.aggregation_weights)
 
@@ -198,6 +208,12 @@ def build_experiment(cfg: ExperimentConfig, device: torch.device | None = None) 
         steps *= per_round
         parts = [sorted(i for part in parts for i in part)]
         profiles = profiles[:1]
+    personal = None
+    if algo_cls.personalised:  # each client holds out a share of its own data
+        personal = [personal_share(part, cfg.data.eval_fraction, cfg.seed, i)
+                    for i, part in enumerate(parts)]
+        held = [set(p) for p in personal]
+        parts = [[j for j in part if j not in h] for part, h in zip(parts, held, strict=True)]
     options = cfg.algorithm_options()
     ctx = (split_context(cfg, model, base, profiles,
                          per_device_ranks=algo_cls.per_device_ranks,
@@ -242,7 +258,19 @@ def build_experiment(cfg: ExperimentConfig, device: torch.device | None = None) 
         steps_per_round=steps,
         split=ctx,
         device=device,
+        personal_parts=personal,
     )
+
+
+def personal_share(part: list[int], fraction: float, seed: int, client: int) -> list[int]:
+    """Client ``client``'s own held-out examples: a seeded ``fraction`` of its partition
+    (at least one while it keeps at least one to train on)."""
+    if len(part) < 2:
+        return []
+    count = min(len(part) - 1, max(1, round(fraction * len(part))))
+    gen = torch.Generator().manual_seed(derive_seed(seed, "personal", client))
+    chosen = torch.randperm(len(part), generator=gen)[:count].tolist()
+    return sorted(part[j] for j in chosen)
 
 
 def with_local_data(exp: Experiment, client: int, path: str) -> Experiment:

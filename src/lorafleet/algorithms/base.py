@@ -153,11 +153,16 @@ class Payload:
 
 @dataclass
 class ClientResult:
-    """What a client sends back: named tensors (the algorithm says what they mean)."""
+    """What a client sends back: named tensors (the algorithm says what they mean).
+
+    ``local`` holds what the client keeps for its next round instead (FedSA-LoRA's B): it
+    stays on the client, so it is never shipped, validated or billed.
+    """
 
     tensors: Tensors
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    local: Tensors = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,13 @@ class FederatedAlgorithm(ABC):
         pools_data: one client holds every training example (the centralised upper bound).
         adapts_all_weights: adapt every candidate weight of a layer by default (q, k, v, o,
             gate, up, down), not the architecture's default q and v.
+        keeps_client_state: clients keep tensors between rounds (``ClientResult.local``,
+            given back to ``client_update`` as ``local``); the runtime stores and
+            checkpoints them, never ships them.
+        local_only: runs on the local runtime only (its payload's ``extra`` is not yet
+            merged by remote clients).
+        personalised: each client has its own model (``personal_adapter``), evaluated on
+            the client's own held-out share of its data beside the global model.
         robust_aggregations: the ``robust.aggregation`` modes the method implements
             (:mod:`lorafleet.algorithms.robust`); "mean" is its own rule.
         robust_refusal: why the other modes do not apply to it (one clause, for the error).
@@ -262,6 +274,9 @@ class FederatedAlgorithm(ABC):
     split_learning: ClassVar[bool] = False
     pools_data: ClassVar[bool] = False
     adapts_all_weights: ClassVar[bool] = False
+    keeps_client_state: ClassVar[bool] = False
+    personalised: ClassVar[bool] = False
+    local_only: ClassVar[bool] = False
     robust_aggregations: ClassVar[tuple[str, ...]] = ("mean",)
     robust_refusal: ClassVar[str] = "has no robust variant"
     Options: ClassVar[type[Section]] = NoOptions
@@ -363,10 +378,23 @@ class FederatedAlgorithm(ABC):
     def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
         """What client ``client`` receives in round ``round`` (deterministic in the seed)."""
 
+    def initial_client_state(self, client: ClientInfo) -> Tensors:
+        """What a client of a method with ``keeps_client_state`` holds before its first round
+        (default: nothing)."""
+        return {}
+
+    def personal_adapter(self, state: ServerState, local: Mapping[str, torch.Tensor]
+                         ) -> GlobalAdapter | None:
+        """The model one client uses with its kept ``local`` tensors (personalised methods),
+        or None: the global model is every client's."""
+        return None
+
     def client_update(
-        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
+        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch],
+        local: Mapping[str, torch.Tensor] | None = None,
     ) -> ClientResult:
-        """Train from the payload; send back the deltas or the values (``client_returns``)."""
+        """Train from the payload (and, for methods that keep client state, the client's
+        ``local`` tensors); send back the deltas or the values (``client_returns``)."""
         trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
         if self.client_returns == "values":
             return ClientResult(tensors=trained, num_examples=0, metrics=metrics)
