@@ -59,3 +59,13 @@ def test_fedex_runs_locally_and_merges_into_the_base(
     assert (tmp_path / "run" / "merged").is_dir()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[2]["bytes_down"] > rows[1]["bytes_down"]  # round 2 ships round 1's residual
+
+
+def test_fedex_on_flower_gives_the_local_run(tmp_path: Path, tiny_bert_dir: Path,
+                                             tiny_text_csv: Path) -> None:
+    from test_flower import _assert_same_run, _config, _inprocess
+
+    cfg = _config(tiny_bert_dir, tiny_text_csv, algorithm="fedex-lora")
+    run_local(cfg, tmp_path / "local", progress=False)
+    _inprocess(cfg.model_copy(update={"runtime": "flower-sim"}), tmp_path / "flower")
+    _assert_same_run(tmp_path / "local", tmp_path / "flower")

@@ -47,3 +47,13 @@ def test_ffa_lora_trains_b_on_the_frozen_initial_a_and_uploads_b_only(
         assert row["bytes_up"] == len(row["clients"]) * b_and_head
         assert row["bytes_down"] == len(row["clients"]) * lora_down
     assert summary["bytes_up"] < summary["bytes_down"]
+
+
+def test_ffa_lora_on_flower_gives_the_local_run(tmp_path: Path, tiny_bert_dir: Path,
+                                                tiny_text_csv: Path) -> None:
+    from test_flower import _assert_same_run, _config, _inprocess
+
+    cfg = _config(tiny_bert_dir, tiny_text_csv, algorithm="ffa-lora")
+    run_local(cfg, tmp_path / "local", progress=False)
+    _inprocess(cfg.model_copy(update={"runtime": "flower-sim"}), tmp_path / "flower")
+    _assert_same_run(tmp_path / "local", tmp_path / "flower")

@@ -74,10 +74,9 @@ def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> N
             raise ConfigError("train.gradient_checkpointing", f"{cfg.algorithm} is split "
                               "learning, whose cut the recomputation would not see; it must "
                               "be false (split.split_point already bounds device memory)")
-    if (cls.keeps_client_state or cls.local_only) and cfg.runtime != "local":
-        why = ("keeps state on each client, which only the local runtime stores so far"
-               if cls.keeps_client_state else "is implemented for the local runtime only")
-        raise ConfigError("runtime", f"{cfg.algorithm} {why} (allowed: local)")
+    if cls.keeps_client_state and cfg.runtime != "local":
+        raise ConfigError("runtime", f"{cfg.algorithm} keeps state on each client, which only "
+                          "the local runtime stores so far (allowed: local)")
     check_device(cfg, device or resolve_device(cfg.device), split_learning=cls.split_learning)
     resolve_algorithm(cfg).check_robust(cfg.robust.aggregation, cfg.train.aggregation_weights)
 

@@ -243,8 +243,6 @@ class FederatedAlgorithm(ABC):
         keeps_client_state: clients keep tensors between rounds (``ClientResult.local``,
             given back to ``client_update`` as ``local``); the runtime stores and
             checkpoints them, never ships them.
-        local_only: runs on the local runtime only (its payload's ``extra`` is not yet
-            merged by remote clients).
         personalised: each client has its own model (``personal_adapter``), evaluated on
             the client's own held-out share of its data beside the global model.
         robust_aggregations: the ``robust.aggregation`` modes the method implements
@@ -276,7 +274,6 @@ class FederatedAlgorithm(ABC):
     adapts_all_weights: ClassVar[bool] = False
     keeps_client_state: ClassVar[bool] = False
     personalised: ClassVar[bool] = False
-    local_only: ClassVar[bool] = False
     robust_aggregations: ClassVar[tuple[str, ...]] = ("mean",)
     robust_refusal: ClassVar[str] = "has no robust variant"
     Options: ClassVar[type[Section]] = NoOptions

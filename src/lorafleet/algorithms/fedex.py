@@ -60,7 +60,6 @@ class FedExLoRA(FederatedAlgorithm):
     name: ClassVar[str] = "fedex-lora"
     homogeneous: ClassVar[bool] = True
     merges_into_base: bool = True
-    local_only: ClassVar[bool] = True
     client_returns: ClassVar[Literal["deltas", "values"]] = "values"
     averages_models: ClassVar[bool] = True
     robust_refusal: ClassVar[str] = "merges the exact average's residual into the base"
