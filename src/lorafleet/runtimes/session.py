@@ -48,6 +48,7 @@ from lorafleet.metrics import CommLedger, SimulatedClock, tensor_bytes, train_fl
 from lorafleet.models.adapters import PeftClientTrainer
 from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
+from lorafleet.runtimes.personal import evaluate_personal
 from lorafleet.runtimes.trace import trace
 from lorafleet.runtimes.validation import (
     all_finite,
@@ -66,7 +67,6 @@ __all__ = [
     "RoundTally",
     "RunResult",
     "evaluate_global",
-    "evaluate_personal",
     "failure_reason",
     "make_trainer",
     "train_client",
@@ -104,30 +104,6 @@ def evaluate_global(exp: Experiment, state: ServerState, *, final: bool = True
     decode = final or exp.cfg.task.generation_eval == "every"
     return exp.task.evaluate(exp.model.peft, exp.eval_items, exp.cfg.task.eval_batch_size,
                              decode=decode)
-
-
-def evaluate_personal(exp: Experiment, state: ServerState, *, final: bool = True
-                      ) -> dict[str, Any]:
-    """Evaluate each client's own model (``personal_adapter`` with what it keeps) on its
-    own held-out share; returns ``personal_<metric>`` (the mean over clients) and
-    ``personal`` (client id -> metric)."""
-    algo, task, metric = exp.algorithm, exp.task, exp.task.metric
-    decode = final or exp.cfg.task.generation_eval == "every"
-    per_client: dict[str, float] = {}
-    for client, held in enumerate(exp.personal_parts or []):
-        if not held:
-            continue
-        local = (exp.client_state.get(client) if client in exp.client_state
-                 else algo.initial_client_state(exp.clients[client]))
-        ga = algo.personal_adapter(state, local) or algo.global_adapter(state)
-        exp.model.set_global(ga.tensors, ga.scaling, ga.base_delta)
-        scores = task.evaluate(exp.model.peft, [exp.train_items[j] for j in held],
-                               exp.cfg.task.eval_batch_size, decode=decode)
-        per_client[str(client)] = float(scores[metric])
-    if not per_client:
-        return {}
-    return {f"personal_{metric}": sum(per_client.values()) / len(per_client),
-            "personal": per_client}
 
 
 def _loss_of(result: ClientResult) -> float:
