@@ -61,8 +61,7 @@ def measure(cfg: ExperimentConfig, exp, name: str, per_round: int | None  # type
     algo = make_algorithm(
         name, exp.model.spec, seed=cfg.seed, server_optimizer=tc.server_optimizer,
         server_lr=tc.server_lr, aggregation_weights=tc.aggregation_weights,
-        hetlora_weights=cfg.hetlora.weights, self_pruning=cfg.hetlora.self_pruning,
-        prune_gamma=cfg.hetlora.prune_gamma,
+        options=cfg.model_copy(update={"algorithm": name}).algorithm_options(),
     )
     clients: list[ClientInfo] = list(exp.clients)
     if getattr(ALGORITHMS[name], "homogeneous", False):

@@ -4,7 +4,9 @@ A checkpoint is ``checkpoint/state-<round>.safetensors`` (the server state's ten
 ``checkpoint/meta.json`` (the round, the state's metadata, the byte ledger and clock, and a
 fingerprint of the config). ``meta.json`` is replaced atomically after the tensors are on
 disk, so a kill at any point leaves either the previous or the new checkpoint, never a mix.
-Nothing is pickled.
+Nothing is pickled. Client-local state (:mod:`lorafleet.client_state`) is stored in the
+same tensor file under ``"client:<client>/<name>"``, so it is saved atomically with the
+server state it belongs to.
 
 A checkpoint restores the state exactly, the order of its tensors included: safetensors
 stores them sorted, and an algorithm that iterates its state (FedAvg's payload, hence the
@@ -16,20 +18,21 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorafleet.algorithms.base import ServerState
+from lorafleet.algorithms.base import ServerState, Tensors
 from lorafleet.errors import LorafleetError
 from lorafleet.runtimes.validation import all_finite
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
 META = "meta.json"
+CLIENT_PREFIX = "client:"
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Checkpoint:
     round: int
     state: ServerState
     extra: dict[str, Any]
+    client_state: Tensors = field(default_factory=dict)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -49,16 +53,21 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: Path, round: int, state: ServerState, extra: dict[str, Any]
-                    ) -> None:
-    """Save the state after ``round`` finished; older state files are removed afterwards."""
+def save_checkpoint(directory: Path, round: int, state: ServerState, extra: dict[str, Any],
+                    client_state: Tensors | None = None) -> None:
+    """Save the state after ``round`` finished (and the clients' kept tensors,
+    ``ClientStore.flat()``); older state files are removed afterwards."""
     directory.mkdir(parents=True, exist_ok=True)
     state_file = f"state-{round}.safetensors"
     tensors = {k: v.detach().contiguous() for k, v in state.tensors.items()}
-    save_file(tensors, str(directory / (state_file + ".tmp")))
+    clients = {CLIENT_PREFIX + k: v.detach().contiguous()
+               for k, v in (client_state or {}).items()}
+    save_file({**tensors, **clients}, str(directory / (state_file + ".tmp")))
     os.replace(directory / (state_file + ".tmp"), directory / state_file)
-    meta = {"round": round, "state_file": state_file, "order": list(tensors),
-            "state_meta": state.meta, "extra": extra}
+    meta: dict[str, Any] = {"round": round, "state_file": state_file, "order": list(tensors),
+                            "state_meta": state.meta, "extra": extra}
+    if clients:
+        meta["client_order"] = list(clients)
     _atomic_write(directory / META, json.dumps(meta, indent=1, sort_keys=True))
     for old in directory.glob("state-*.safetensors"):
         if old.name != state_file:
@@ -85,6 +94,12 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         raise LorafleetError(f"checkpoint in {directory} is unreadable: {state_file} is "
                              f"truncated or corrupt ({reason}); remove the checkpoint "
                              "directory to start over") from None
+    client_order = meta.get("client_order", [])
+    clients = {k[len(CLIENT_PREFIX):]: tensors.pop(k) for k in client_order if k in tensors}
+    if len(clients) != len(client_order):
+        raise LorafleetError(f"checkpoint in {directory} is unreadable: {state_file} lacks "
+                             f"client state {META} lists; remove the checkpoint directory to "
+                             "start over")
     order = meta.get("order")
     if order is not None:
         if sorted(order) != sorted(tensors):
@@ -101,4 +116,5 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         round=int(meta["round"]),
         state=ServerState(tensors=tensors, meta=dict(meta["state_meta"])),
         extra=dict(meta["extra"]),
+        client_state=clients,
     )

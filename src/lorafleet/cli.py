@@ -473,15 +473,22 @@ def assets(
 
 @app.command()
 def algorithms() -> None:
-    """List the algorithms (federated, then split learning)."""
+    """List the algorithms (federated, split learning, central), each with its options."""
     from lorafleet.algorithms import ALGORITHMS
+    from lorafleet.algorithms.registry import FAMILIES
 
     width = max(len(name) for name in ALGORITHMS)
-    for name, cls in ALGORITHMS.items():
+    ordered = sorted(ALGORITHMS.items(), key=lambda item: FAMILIES.index(item[1].family()))
+    for name, cls in ordered:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        family = ("split" if cls.split_learning else "central" if cls.pools_data
-                  else "federated")
-        out_console.print(f"{name:{width}s}  {family:9s}  {doc}", highlight=False, soft_wrap=True)
+        out_console.print(f"{name:{width}s}  {cls.family():9s}  {doc}", highlight=False,
+                          soft_wrap=True)
+        section = cls.options_section
+        for field, info in cls.Options.model_fields.items() if section else ():
+            default = json.dumps(info.get_default(call_default_factory=True))
+            setting = f"{section}.{field}={default.strip(chr(34))}"
+            out_console.print(f"{'':{width}s}  --set {setting:34s} {info.description or ''}",
+                              highlight=False, soft_wrap=True)
 
 
 @app.command("config")

@@ -14,15 +14,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from lorafleet.algorithms import algorithm_class, option_sections
+from lorafleet.algorithms.hetlora import HetLoRAOptions as HetLoRASettings
+from lorafleet.algorithms.hsplitlora import HSplitLoRAOptions as HSplitLoRASettings
 from lorafleet.errors import ConfigError
+from lorafleet.section import Section as _Section
 
 __all__ = [
     "ClientResources",
@@ -45,22 +47,6 @@ __all__ = [
     "load_config",
     "read_config_file",
 ]
-
-
-class _Section(BaseModel):
-    # allow_inf_nan: a float field takes finite numbers only (`lr: .inf` is refused).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic's lax mode reads true as 1: `--set rounds=true` would run one round.
-        name = info.field_name
-        flags = [v for v in (value if isinstance(value, list) else [value])
-                 if isinstance(v, bool)]
-        if flags and name is not None and _is_number(cls.model_fields[name].annotation):
-            raise ValueError(f"must be a number, not {str(flags[0]).lower()}")
-        return value
 
 
 class ModelConfig(_Section):
@@ -275,19 +261,6 @@ class TrainConfig(_Section):
     )
 
 
-class HetLoRASettings(_Section):
-    weights: Literal["norm", "uniform"] = Field(
-        "norm",
-        description="HetLoRA aggregation weights: norm (||s B_i A_i||_F, the paper's) or "
-        "uniform (plain zero-padding).",
-    )
-    self_pruning: bool = Field(False, description="HetLoRA local rank self-pruning.")
-    prune_gamma: float = Field(
-        0.99, gt=0, lt=1,
-        description="Self-pruning drops the last rank when it carries < 1 - gamma of the norm.",
-    )
-
-
 class SplitSettings(_Section):
     split_point: int | None = Field(
         None, gt=0,
@@ -327,33 +300,6 @@ class SplitSettings(_Section):
             raise ValueError("rank_set must be non-empty and positive, e.g. [2, 4, 8] "
                              f"(0 is allowed only as 'no adapter' beside them), got {q}")
         return self
-
-
-class HSplitLoRASettings(_Section):
-    importance: bool = Field(
-        True, description="Part 1: importance-driven planning (off: every weight equally "
-        "important)."
-    )
-    adaptive: bool = Field(
-        True, description="Part 2: per-client split point and ranks from budgets and importance "
-        "(off: split.split_point and rank lora.rank everywhere)."
-    )
-    noise_free: bool = Field(
-        True, description="Part 3: stacking aggregation merged into the base (off: zero-padded "
-        "averaging of A and B, as HetLoRA)."
-    )
-    replan_threshold: float = Field(
-        0.05, ge=0, le=1,
-        description="Re-plan when the normalised importance moved by more than this (total "
-        "variation, in [0, 1]) since the last plan.",
-    )
-    split_policy: Literal["objective", "deepest"] = Field(
-        "objective", description="objective: the split with the best importance objective "
-        "(ties deeper); deepest: the deepest affordable split."
-    )
-    tau: float = Field(
-        10.0, gt=0, description="Smoothing time constant of the importance, in rounds."
-    )
 
 
 class RobustSettings(_Section):
@@ -493,9 +439,14 @@ class ExperimentConfig(_Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    hetlora: HetLoRASettings = Field(default_factory=HetLoRASettings)
     split: SplitSettings = Field(default_factory=SplitSettings)
-    hsplitlora: HSplitLoRASettings = Field(default_factory=HSplitLoRASettings)
+    # One section per method that declares options (hetlora:, hsplitlora:, ...), from the
+    # method's own file: its `Options` model is the section (algorithms/registry.py).
+    for _section, _options in option_sections().items():
+        __annotations__[_section] = _options
+        locals()[_section] = Field(default_factory=_options,
+                                   description=(_options.__doc__ or "").strip())
+    del _section, _options
     ray: RaySettings = Field(default_factory=RaySettings)
     robust: RobustSettings = Field(default_factory=RobustSettings)
 
@@ -529,18 +480,15 @@ class ExperimentConfig(_Section):
                                  f"{self.num_clients} numbers)")
         return self
 
+    def algorithm_options(self) -> _Section:
+        """The options of ``algorithm`` (its config section; empty if it declares none)."""
+        cls = algorithm_class(self.algorithm)
+        section = cls.options_section
+        return cls.Options() if section is None else getattr(self, section)
+
     def to_yaml(self) -> str:
         """The resolved config as YAML (what a run directory stores)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _is_number(annotation: Any) -> bool:
-    """Whether a field holds numbers (int, float, optionally None or a list of them) and not
-    booleans."""
-    if annotation in (int, float):
-        return True
-    args = get_args(annotation)
-    return bool not in args and any(_is_number(a) for a in args)
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

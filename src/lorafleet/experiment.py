@@ -17,14 +17,12 @@ import torch
 from lorafleet.algorithms import (
     ClientInfo,
     FederatedAlgorithm,
-    HetLoRASplit,
-    HSplitLoRA,
-    HSplitLoRAPadded,
     SplitContext,
     algorithm_class,
 )
 from lorafleet.algorithms.base import Batch, derive_seed
 from lorafleet.algorithms.split import budget_ranks, common_split_point, weight_of
+from lorafleet.client_state import ClientStore
 from lorafleet.config import DataConfig, DeviceProfile, ExperimentConfig
 from lorafleet.data.datasets import TextDataset, load_text_dataset, train_eval_split
 from lorafleet.data.partition import partition_indices, partition_summary
@@ -38,7 +36,8 @@ from lorafleet.split.cost import ModelDims, WeightFormat
 from lorafleet.split.planner import check_rank_set
 
 __all__ = ["Experiment", "build_experiment", "check_config", "client_batches", "derive_seed",
-           "resolve_algorithm", "sample_clients", "split_context", "with_local_data"]
+           "personal_share", "resolve_algorithm", "sample_clients", "split_context",
+           "with_local_data"]
 
 
 @dataclass
@@ -59,6 +58,10 @@ class Experiment:
     steps_per_round: int
     split: SplitContext | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    # personalised methods: each client's own held-out share (indices into train_items)
+    personal_parts: list[list[int]] | None = None
+    # what each client keeps between rounds (methods with keeps_client_state)
+    client_state: ClientStore = dataclasses.field(default_factory=ClientStore)
 
 
 def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> None:
@@ -71,17 +74,17 @@ def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> N
             raise ConfigError("train.gradient_checkpointing", f"{cfg.algorithm} is split "
                               "learning, whose cut the recomputation would not see; it must "
                               "be false (split.split_point already bounds device memory)")
+    if cls.keeps_client_state and cfg.runtime != "local":
+        raise ConfigError("runtime", f"{cfg.algorithm} keeps state on each client, which only "
+                          "the local runtime stores so far (allowed: local)")
     check_device(cfg, device or resolve_device(cfg.device), split_learning=cls.split_learning)
     resolve_algorithm(cfg).check_robust(cfg.robust.aggregation, cfg.train.aggregation_weights)
 
 
 def resolve_algorithm(cfg: ExperimentConfig) -> type[FederatedAlgorithm]:
-    """The class that runs ``cfg.algorithm`` (HSplitLoRA without noise-free aggregation is
-    its padded variant)."""
-    cls = algorithm_class(cfg.algorithm)
-    if cls is HSplitLoRA and not cfg.hsplitlora.noise_free:
-        return HSplitLoRAPadded
-    return cls
+    """The class that runs ``cfg.algorithm`` (its options, not its class, choose variants
+    such as HSplitLoRA's aggregation rule)."""
+    return algorithm_class(cfg.algorithm)
 
 
 def split_context(cfg: ExperimentConfig, model: AdaptedModel, base: torch.nn.Module,
@@ -204,37 +207,41 @@ def build_experiment(cfg: ExperimentConfig, device: torch.device | None = None) 
         steps *= per_round
         parts = [sorted(i for part in parts for i in part)]
         profiles = profiles[:1]
+    personal = None
+    if algo_cls.personalised:  # each client holds out a share of its own data
+        personal = [personal_share(part, cfg.data.eval_fraction, cfg.seed, i)
+                    for i, part in enumerate(parts)]
+        held = [set(p) for p in personal]
+        parts = [[j for j in part if j not in h] for part, h in zip(parts, held, strict=True)]
+    options = cfg.algorithm_options()
     ctx = (split_context(cfg, model, base, profiles,
-                         per_device_ranks=issubclass(algo_cls, HetLoRASplit),
-                         needs_fixed_split=not (issubclass(algo_cls, HSplitLoRA)
-                                                and cfg.hsplitlora.adaptive))
+                         per_device_ranks=algo_cls.per_device_ranks,
+                         needs_fixed_split=algo_cls.needs_fixed_split(options))
            if algo_cls.split_learning else None)
-    if algo_cls.homogeneous or issubclass(algo_cls, HSplitLoRA):  # HSplitLoRA: its planner
-        ranks = [cfg.lora.rank] * len(parts)
-    elif ctx is not None:
-        ranks = budget_ranks(ctx, cfg.lora.rank)
-    else:
-        ranks = sketch_sizes(cfg.fleet, profiles, cfg.lora.rank, cfg.seed)
+
+    def budgets() -> list[int]:
+        if ctx is None:
+            raise ConfigError("algorithm", f"{cfg.algorithm} gives ranks by device budget, "
+                              "which only the split family has")
+        return budget_ranks(ctx, cfg.lora.rank)
+
+    ranks = algo_cls.client_ranks(
+        options, rank=cfg.lora.rank, count=len(parts), budgets=budgets,
+        fleet=lambda: sketch_sizes(cfg.fleet, profiles, cfg.lora.rank, cfg.seed))
     clients = [ClientInfo(id=i, rank=ranks[i], num_examples=len(parts[i]))
                for i in range(len(parts))]
     algorithm = algo_cls(
         model.spec,
         seed=cfg.seed,
+        options=options,
         server_optimizer=cfg.train.server_optimizer,
         server_lr=cfg.train.server_lr,
         aggregation_weights=cfg.train.aggregation_weights,
-        hetlora_weights=cfg.hetlora.weights,
-        self_pruning=cfg.hetlora.self_pruning,
-        prune_gamma=cfg.hetlora.prune_gamma,
         robust_aggregation=cfg.robust.aggregation,
         trim_fraction=cfg.robust.trim_fraction,
         split_context=ctx,
-        **cfg.hsplitlora.model_dump(),
     )
-    if isinstance(algorithm, HSplitLoRA):  # a budget the planner refuses fails here, not later
-        initial = algorithm.init_state()
-        for client in clients:
-            algorithm.client_plan(initial, client)
+    algorithm.check_clients(clients)  # a fleet the method cannot plan for fails here
     return Experiment(
         cfg=cfg,
         task=task,
@@ -250,7 +257,19 @@ def build_experiment(cfg: ExperimentConfig, device: torch.device | None = None) 
         steps_per_round=steps,
         split=ctx,
         device=device,
+        personal_parts=personal,
     )
+
+
+def personal_share(part: list[int], fraction: float, seed: int, client: int) -> list[int]:
+    """Client ``client``'s own held-out examples: a seeded ``fraction`` of its partition
+    (at least one while it keeps at least one to train on)."""
+    if len(part) < 2:
+        return []
+    count = min(len(part) - 1, max(1, round(fraction * len(part))))
+    gen = torch.Generator().manual_seed(derive_seed(seed, "personal", client))
+    chosen = torch.randperm(len(part), generator=gen)[:count].tolist()
+    return sorted(part[j] for j in chosen)
 
 
 def with_local_data(exp: Experiment, client: int, path: str) -> Experiment:

@@ -1,7 +1,14 @@
-"""Federated algorithms: one file per method, pure steps over named tensors."""
+"""Federated algorithms: one file per method, pure steps over named tensors.
+
+A method registers itself (:func:`~lorafleet.algorithms.registry.register`) in its own file;
+importing this package imports every module in it, so a new file is a new method: its name,
+options (config section, CLI help, ``--set`` paths) and family come from its class.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from lorafleet.algorithms.base import (
@@ -11,24 +18,30 @@ from lorafleet.algorithms.base import (
     ClientTrainer,
     FederatedAlgorithm,
     GlobalAdapter,
+    NoOptions,
     Payload,
     ServerState,
     Tensors,
 )
-from lorafleet.algorithms.fedavg import FedAvg
-from lorafleet.algorithms.flexlora import FlexLoRA
-from lorafleet.algorithms.flora import FLoRA
-from lorafleet.algorithms.fslora import FSLoRA
-from lorafleet.algorithms.hetlora import HetLoRA
-from lorafleet.algorithms.split import (
+
+# The listing order of the shipped methods (`lorafleet algorithms`, "allowed: ..." errors);
+# any other module of the package is imported after them, in name order.
+from lorafleet.algorithms.fslora import FSLoRA  # isort: skip
+from lorafleet.algorithms.fedavg import FedAvg  # isort: skip
+from lorafleet.algorithms.hetlora import HetLoRA  # isort: skip
+from lorafleet.algorithms.flexlora import FlexLoRA  # isort: skip
+from lorafleet.algorithms.flora import FLoRA  # isort: skip
+from lorafleet.algorithms.hsplitlora import HSplitLoRA, HSplitLoRAPadded  # isort: skip
+from lorafleet.algorithms.split import (  # isort: skip
     Centralized,
     HetLoRASplit,
-    HSplitLoRA,
-    HSplitLoRAPadded,
     SplitContext,
     SplitLoRA,
 )
-from lorafleet.errors import ConfigError
+from lorafleet.algorithms.registry import ALGORITHMS, algorithm_class, option_sections
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ALGORITHMS",
@@ -47,6 +60,7 @@ __all__ = [
     "HetLoRASplit",
     "FederatedAlgorithm",
     "GlobalAdapter",
+    "NoOptions",
     "Payload",
     "ServerState",
     "SplitContext",
@@ -54,31 +68,11 @@ __all__ = [
     "Tensors",
     "algorithm_class",
     "make_algorithm",
+    "option_sections",
 ]
 
-ALGORITHMS: dict[str, type[FederatedAlgorithm]] = {
-    FSLoRA.name: FSLoRA,
-    FedAvg.name: FedAvg,
-    HetLoRA.name: HetLoRA,
-    FlexLoRA.name: FlexLoRA,
-    FLoRA.name: FLoRA,
-    HSplitLoRA.name: HSplitLoRA,
-    SplitLoRA.name: SplitLoRA,
-    HetLoRASplit.name: HetLoRASplit,
-    Centralized.name: Centralized,
-}
 
-
-def algorithm_class(name: str, field: str = "algorithm") -> type[FederatedAlgorithm]:
-    """The class registered as ``name``; unknown names raise a ConfigError on ``field``."""
-    cls = ALGORITHMS.get(name)
-    if cls is None:
-        raise ConfigError(field, f"unknown algorithm '{name}' (allowed: "
-                          f"{', '.join(ALGORITHMS)})")
-    return cls
-
-
-def make_algorithm(name: str, spec: AdapterSpec, *, seed: int, **options: Any
+def make_algorithm(name: str, spec: AdapterSpec, *, seed: int, **settings: Any
                    ) -> FederatedAlgorithm:
     """Build the algorithm registered as ``name``; unknown names raise a ConfigError."""
-    return algorithm_class(name)(spec, seed=seed, **options)
+    return algorithm_class(name)(spec, seed=seed, **settings)

@@ -19,13 +19,15 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
+from pydantic import ValidationError
 
 from lorafleet.errors import ConfigError
+from lorafleet.section import Section
 
 __all__ = [
     "AdapterSpec",
@@ -35,6 +37,7 @@ __all__ = [
     "ClientTrainer",
     "FederatedAlgorithm",
     "GlobalAdapter",
+    "NoOptions",
     "Payload",
     "ServerState",
     "Tensors",
@@ -150,11 +153,16 @@ class Payload:
 
 @dataclass
 class ClientResult:
-    """What a client sends back: named tensors (the algorithm says what they mean)."""
+    """What a client sends back: named tensors (the algorithm says what they mean).
+
+    ``local`` holds what the client keeps for its next round instead (FedSA-LoRA's B): it
+    stays on the client, so it is never shipped, validated or billed.
+    """
 
     tensors: Tensors
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    local: Tensors = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,23 @@ class GlobalAdapter:
     rank: int
     scaling: float
     base_delta: Tensors = field(default_factory=dict)
+
+
+class NoOptions(Section):
+    """The options of a method that has none of its own (beyond ``train:`` and ``robust:``)."""
+
+
+def options_error(err: ValidationError, section: str) -> ConfigError:
+    """pydantic's first error on a method's options as a one-line ConfigError on
+    ``<section>.<field>``."""
+    first = err.errors()[0]
+    where = ".".join(str(x) for x in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    elif first["type"] == "extra_forbidden":
+        msg = "unknown option"
+    return ConfigError(f"{section}.{where}" if where else section, msg)
 
 
 class ClientTrainer(Protocol):
@@ -204,7 +229,8 @@ class FederatedAlgorithm(ABC):
     Class attributes:
         name: the registry name (``algorithm:`` in a config).
         homogeneous: every client trains the global rank r (client budgets are ignored).
-        merges_into_base: the global model lives in the base weights (``base_delta``).
+        merges_into_base: the global model lives in the base weights (``base_delta``); an
+            instance may set its own (HSplitLoRA: by its ``noise_free`` option).
         client_returns: what ``client_update`` sends back by default: the ``"deltas"`` from
             the payload, or the trained ``"values"`` themselves.
         averages_models: the server averages client adapters, so a FedOpt server optimizer
@@ -214,35 +240,67 @@ class FederatedAlgorithm(ABC):
         pools_data: one client holds every training example (the centralised upper bound).
         adapts_all_weights: adapt every candidate weight of a layer by default (q, k, v, o,
             gate, up, down), not the architecture's default q and v.
+        keeps_client_state: clients keep tensors between rounds (``ClientResult.local``,
+            given back to ``client_update`` as ``local``); the runtime stores and
+            checkpoints them, never ships them.
+        personalised: each client has its own model (``personal_adapter``), evaluated on
+            the client's own held-out share of its data beside the global model.
         robust_aggregations: the ``robust.aggregation`` modes the method implements
             (:mod:`lorafleet.algorithms.robust`); "mean" is its own rule.
         robust_refusal: why the other modes do not apply to it (one clause, for the error).
 
-    Options every algorithm reads: ``aggregation_weights`` ("uniform" | "examples"),
-    ``robust_aggregation`` (one of ``robust_aggregations``, default "mean") and
-    ``trim_fraction`` (trimmed-mean).
+        Options: the method's own options (a :class:`~lorafleet.section.Section` whose
+            fields carry their defaults and help); the config section ``options_section``
+            holds them, ``lorafleet algorithms`` lists them.
+        options_section: the config section of ``Options`` (None: the method has none;
+            methods that share options, such as hetlora and hetlora-split, share it).
+        legacy_options: constructor keywords that name an option differently
+            (``hetlora_weights`` for ``hetlora.weights``), kept for callers of the old API.
+        per_device_ranks: the split family gives each device its own rank from its memory
+            budget (the fixed split is chosen for the smallest rank).
+
+    Settings every algorithm reads (from ``train:`` and ``robust:``):
+    ``aggregation_weights`` ("uniform" | "examples"), ``robust_aggregation`` (one of
+    ``robust_aggregations``, default "mean") and ``trim_fraction`` (trimmed-mean).
     """
 
     name: ClassVar[str]
     homogeneous: ClassVar[bool] = False
-    merges_into_base: ClassVar[bool] = False
+    merges_into_base: bool = False
     client_returns: ClassVar[Literal["deltas", "values"]] = "deltas"
     averages_models: ClassVar[bool] = False
     split_learning: ClassVar[bool] = False
     pools_data: ClassVar[bool] = False
     adapts_all_weights: ClassVar[bool] = False
+    keeps_client_state: ClassVar[bool] = False
+    personalised: ClassVar[bool] = False
     robust_aggregations: ClassVar[tuple[str, ...]] = ("mean",)
     robust_refusal: ClassVar[str] = "has no robust variant"
+    Options: ClassVar[type[Section]] = NoOptions
+    options_section: ClassVar[str | None] = None
+    legacy_options: ClassVar[dict[str, str]] = {}
+    per_device_ranks: ClassVar[bool] = False
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
+    def __init__(self, spec: AdapterSpec, *, seed: int, options: Section | None = None,
+                 **settings: Any) -> None:
+        """``options``: the method's own (``Options``); without it, they are read from the
+        keywords in ``settings`` that name them (defaults for the rest). ``settings`` also
+        holds the shared settings (``aggregation_weights``, ``robust_aggregation``,
+        ``trim_fraction``, ``server_optimizer``, ``server_lr``) and, for the split family,
+        ``split_context``; other keywords are ignored.
+
+        Raises:
+            ConfigError: an option or setting outside what the method allows.
+        """
         self.spec = spec
         self.seed = seed
-        self.options = options
-        self.weighting = str(options.get("aggregation_weights", "uniform"))
-        self.robust = str(options.get("robust_aggregation", "mean"))
-        self.trim_fraction = float(options.get("trim_fraction", 0.2))
+        self.settings = settings
+        self.options = self.parse_options(options, settings)
+        self.weighting = str(settings.get("aggregation_weights", "uniform"))
+        self.robust = str(settings.get("robust_aggregation", "mean"))
+        self.trim_fraction = float(settings.get("trim_fraction", 0.2))
         self.check_robust(self.robust, self.weighting)
-        if self.averages_models and options.get("server_optimizer", "avg") != "avg":
+        if self.averages_models and settings.get("server_optimizer", "avg") != "avg":
             raise ConfigError(
                 "train.server_optimizer",
                 f"{self.name} averages client adapters, so it must be 'avg' (FedOpt-style "
@@ -250,11 +308,53 @@ class FederatedAlgorithm(ABC):
             )
 
     @classmethod
+    def parse_options(cls, options: Section | None, settings: Mapping[str, Any]) -> Section:
+        """``options`` checked to be this method's ``Options``, or ``Options`` validated from
+        the keywords of ``settings`` that name its fields (or their ``legacy_options``)."""
+        if options is not None:
+            if not isinstance(options, cls.Options):
+                raise TypeError(f"{cls.name} takes {cls.Options.__name__} options, not "
+                                f"{type(options).__name__}")
+            return options
+        fields = cls.Options.model_fields
+        raw = {cls.legacy_options.get(k, k): v for k, v in settings.items()
+               if cls.legacy_options.get(k, k) in fields}
+        try:
+            return cls.Options.model_validate(raw)
+        except ValidationError as err:
+            raise options_error(err, cls.options_section or cls.name) from None
+
+    @classmethod
+    def family(cls) -> str:
+        """"split" (split learning), "central" (pooled data) or "federated"."""
+        return "split" if cls.split_learning else "central" if cls.pools_data else "federated"
+
+    @classmethod
+    def client_ranks(cls, options: Section, *, rank: int, count: int,
+                     fleet: Callable[[], list[int]], budgets: Callable[[], list[int]]
+                     ) -> list[int]:
+        """k_i of each of ``count`` clients: the global ``rank`` for homogeneous methods,
+        else the device budgets' ranks (``per_device_ranks``) or the fleet's sketch sizes.
+        ``fleet`` and ``budgets`` are drawn only when asked."""
+        if cls.homogeneous:
+            return [rank] * count
+        return budgets() if cls.per_device_ranks else fleet()
+
+    @classmethod
+    def needs_fixed_split(cls, options: Section) -> bool:
+        """Split family: whether the runtime must choose one fixed split point for it."""
+        return True
+
+    def check_clients(self, clients: Iterable[ClientInfo]) -> None:
+        """Refuse, before any round, a fleet the method cannot plan for (default: any)."""
+        return None
+
+    @classmethod
     def check_robust(cls, mode: str, weighting: str = "uniform") -> None:
         """Refuse, in one line, a ``robust.aggregation`` mode this method does not implement
         (or median/trimmed-mean with example weights, which they cannot honour)."""
         if mode not in cls.robust_aggregations:
-            from lorafleet.algorithms import ALGORITHMS  # the registry imports this module
+            from lorafleet.algorithms.registry import ALGORITHMS  # it imports this module
 
             others = [n for n, c in ALGORITHMS.items() if mode in c.robust_aggregations]
             raise ConfigError(
@@ -275,10 +375,23 @@ class FederatedAlgorithm(ABC):
     def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
         """What client ``client`` receives in round ``round`` (deterministic in the seed)."""
 
+    def initial_client_state(self, client: ClientInfo) -> Tensors:
+        """What a client of a method with ``keeps_client_state`` holds before its first round
+        (default: nothing)."""
+        return {}
+
+    def personal_adapter(self, state: ServerState, local: Mapping[str, torch.Tensor]
+                         ) -> GlobalAdapter | None:
+        """The model one client uses with its kept ``local`` tensors (personalised methods),
+        or None: the global model is every client's."""
+        return None
+
     def client_update(
-        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch]
+        self, trainer: ClientTrainer, payload: Payload, batches: Iterable[Batch],
+        local: Mapping[str, torch.Tensor] | None = None,
     ) -> ClientResult:
-        """Train from the payload; send back the deltas or the values (``client_returns``)."""
+        """Train from the payload (and, for methods that keep client state, the client's
+        ``local`` tensors); send back the deltas or the values (``client_returns``)."""
         trained, metrics = trainer.train(payload.tensors, payload.ranks, payload.scaling, batches)
         if self.client_returns == "values":
             return ClientResult(tensors=trained, num_examples=0, metrics=metrics)
@@ -295,13 +408,9 @@ class FederatedAlgorithm(ABC):
         self, results: list[tuple[ClientInfo, Payload, ClientResult]], weights: list[float]
     ) -> Tensors:
         """sum_i p_i x_i for every dense (non-LoRA) parameter x, from clients' values."""
-        out: Tensors = {}
-        for name in self.spec.dense:
-            out[name] = sum(  # type: ignore[assignment]
-                (w * res.tensors[name] for w, (_, _, res) in zip(weights, results, strict=True)),
-                torch.zeros_like(results[0][2].tensors[name]),
-            )
-        return out
+        from lorafleet.algorithms.aggregation import weighted_sum  # it imports this module
+
+        return weighted_sum([res.tensors for _, _, res in results], weights, list(self.spec.dense))
 
     @abstractmethod
     def aggregate(

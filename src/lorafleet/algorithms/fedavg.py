@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from lorafleet.algorithms.aggregation import rank_r_adapter
 from lorafleet.algorithms.base import (
     ClientInfo,
     ClientResult,
@@ -22,11 +23,13 @@ from lorafleet.algorithms.base import (
     Tensors,
     aggregation_weights,
 )
+from lorafleet.algorithms.registry import register
 from lorafleet.algorithms.robust import clip_factors, combine, l2_norm
 
 __all__ = ["FedAvg"]
 
 
+@register
 class FedAvg(FederatedAlgorithm):
     """FedAvg of LoRA factors at one homogeneous rank r (every k_i is r)."""
 
@@ -84,5 +87,4 @@ class FedAvg(FederatedAlgorithm):
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
         """The averaged rank-r adapter with scaling s."""
-        return GlobalAdapter(tensors=dict(state.tensors), rank=self.spec.rank,
-                             scaling=self.spec.scaling(self.spec.rank))
+        return rank_r_adapter(self.spec, state.tensors)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from lorafleet.algorithms.aggregation import state_key
 from lorafleet.algorithms.base import (
     AdapterSpec,
     ClientInfo,
@@ -31,14 +32,16 @@ from lorafleet.algorithms.base import (
     aggregation_weights,
     lora_key,
 )
+from lorafleet.algorithms.registry import register
 from lorafleet.errors import ConfigError
 
 __all__ = ["FlexLoRA", "factored_svd", "svd_key", "truncated_svd"]
 
 
 def svd_key(module: str, which: str) -> str:
-    """Name of a server SVD factor in the state: ``svd_key("q", "U") == "q.U"`` (U, S or Vh)."""
-    return f"{module}.{which}"
+    """Name of a server SVD factor in the state: ``svd_key("q", "U") == "q.U"`` (U, S or Vh;
+    :func:`~lorafleet.algorithms.aggregation.state_key`'s scheme)."""
+    return state_key(module, which)
 
 
 def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -68,6 +71,7 @@ def factored_svd(b_stack: torch.Tensor, a_stack: torch.Tensor, rank: int
     return (q_b @ u_core[:, :rank]), s[:rank], (vh_core[:rank, :] @ q_a.T)
 
 
+@register
 class FlexLoRA(FederatedAlgorithm):
     """FlexLoRA: ΔW = sum_i p_i s_i B_i A_i, SVD, top-r_max kept, each client gets its top-k_i.
 
@@ -84,8 +88,8 @@ class FlexLoRA(FederatedAlgorithm):
     robust_refusal: ClassVar[str] = (
         "averages the clients' products s_i B_i A_i and re-factors them by SVD")
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
+    def __init__(self, spec: AdapterSpec, *, seed: int, **settings: Any) -> None:
+        super().__init__(spec, seed=seed, **settings)
         for module, (m, n) in spec.modules.items():
             if spec.rank > min(m, n):
                 raise ConfigError(

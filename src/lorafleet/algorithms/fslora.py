@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lorafleet.algorithms.aggregation import rank_r_adapter, scatter_sketch
 from lorafleet.algorithms.base import (
     AdapterSpec,
     ClientInfo,
@@ -31,6 +32,7 @@ from lorafleet.algorithms.base import (
     derive_seed,
     lora_key,
 )
+from lorafleet.algorithms.registry import register
 from lorafleet.algorithms.robust import clip_factors, l2_norm
 from lorafleet.algorithms.server_opt import server_step
 
@@ -58,6 +60,7 @@ def sketch_matrix(indices: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.diag(diag)
 
 
+@register
 class FSLoRA(FederatedAlgorithm):
     """Federated sketching LoRA with plain-average or Adam(W) server steps.
 
@@ -73,10 +76,10 @@ class FSLoRA(FederatedAlgorithm):
         "averages sketched deltas: a client sends k_i of the r ranks, so a coordinate-wise "
         "statistic over clients would count the ranks it did not train as zeros")
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
-        self.server_optimizer = str(options.get("server_optimizer", "avg"))
-        self.server_lr = float(options.get("server_lr", 1.0))
+    def __init__(self, spec: AdapterSpec, *, seed: int, **settings: Any) -> None:
+        super().__init__(spec, seed=seed, **settings)
+        self.server_optimizer = str(settings.get("server_optimizer", "avg"))
+        self.server_lr = float(settings.get("server_lr", 1.0))
 
     def _params_keys(self) -> list[str]:
         keys = [lora_key(m, w) for m in self.spec.modules for w in ("A", "B")]
@@ -127,8 +130,8 @@ class FSLoRA(FederatedAlgorithm):
             k = self.client_rank(client)
             for module in self.spec.modules:
                 idx = sketch_indices(self.seed, round, client.id, module, r, k)
-                grad[lora_key(module, "A")][idx, :] += p * result.tensors[lora_key(module, "A")]
-                grad[lora_key(module, "B")][:, idx] += p * result.tensors[lora_key(module, "B")]
+                scatter_sketch(grad, module, idx, result.tensors[lora_key(module, "B")],
+                               result.tensors[lora_key(module, "A")], p)
             for name in self.spec.dense:
                 grad[name] += p * result.tensors[name]
         new_params, opt_tensors, meta = server_step(
@@ -138,6 +141,4 @@ class FSLoRA(FederatedAlgorithm):
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
         """The global rank-r adapter with scaling s."""
-        tensors = {k: state.tensors[k] for k in self._params_keys()}
-        return GlobalAdapter(tensors=tensors, rank=self.spec.rank,
-                             scaling=self.spec.scaling(self.spec.rank))
+        return rank_r_adapter(self.spec, state.tensors)

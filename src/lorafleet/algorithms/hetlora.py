@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
+from pydantic import Field
 
+from lorafleet.algorithms.aggregation import rank_r_adapter, zero_padded_average
 from lorafleet.algorithms.base import (
     AdapterSpec,
     ClientInfo,
@@ -43,11 +45,27 @@ from lorafleet.algorithms.base import (
     aggregation_weights,
     lora_key,
 )
-from lorafleet.errors import ConfigError
+from lorafleet.algorithms.registry import register
+from lorafleet.section import Section
 
-__all__ = ["HETLORA_WEIGHTS", "HetLoRA", "pruned_rank", "trailing_rank_ratio"]
+__all__ = ["HETLORA_WEIGHTS", "HetLoRA", "HetLoRAOptions", "pruned_rank", "trailing_rank_ratio"]
 
 HETLORA_WEIGHTS = ("norm", "uniform")
+
+
+class HetLoRAOptions(Section):
+    """HetLoRA's options (config section ``hetlora:``; hetlora-split reads them too)."""
+
+    weights: Literal["norm", "uniform"] = Field(
+        "norm",
+        description="HetLoRA aggregation weights: norm (||s B_i A_i||_F, the paper's) or "
+        "uniform (plain zero-padding).",
+    )
+    self_pruning: bool = Field(False, description="HetLoRA local rank self-pruning.")
+    prune_gamma: float = Field(
+        0.99, gt=0, lt=1,
+        description="Self-pruning drops the last rank when it carries < 1 - gamma of the norm.",
+    )
 
 
 def trailing_rank_ratio(factors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
@@ -78,19 +96,15 @@ def pruned_rank(rank: int, ratio: float | None, gamma: float) -> int:
     return rank
 
 
+@register
 class HetLoRA(FederatedAlgorithm):
     """HetLoRA: truncate the global rank-r_max adapter per client, zero-pad and re-weight back.
 
-    Options:
-        aggregation_weights: p_i, "uniform" (1/|S_t|) | "examples" (proportional to n_i);
-            used for the dense values, for ``hetlora_weights="uniform"``, and as the fallback.
-        hetlora_weights: "norm" (the paper's sparsity weights, default) | "uniform" (p_i: the
-            zero-padding baseline). If every client's ||s B_i A_i||_F of a module is 0, that
-            module falls back to p_i.
-        self_pruning: lower a client's rank by one when its trailing component is small.
-        prune_gamma: gamma in (0, 1) of the pruning test (default 0.99).
-        server_optimizer: must be "avg" (HetLoRA averages models, not pseudo-gradients).
-        server_lr: not used.
+    Options: :class:`HetLoRAOptions` (``hetlora.weights``: "norm", the paper's sparsity
+    weights, or "uniform", p_i: the zero-padding baseline; if every client's ||s B_i A_i||_F
+    of a module is 0, that module falls back to p_i; ``self_pruning``, ``prune_gamma``).
+    ``aggregation_weights`` gives p_i, used for the dense values, for ``weights="uniform"``
+    and as the fallback; ``server_optimizer`` must be "avg" (HetLoRA averages models).
     """
 
     name: ClassVar[str] = "hetlora"
@@ -98,17 +112,17 @@ class HetLoRA(FederatedAlgorithm):
     averages_models: ClassVar[bool] = True
     robust_refusal: ClassVar[str] = (
         "averages zero-padded factors of different ranks with norm-based weights")
+    Options: ClassVar[type[Section]] = HetLoRAOptions
+    options_section: ClassVar[str | None] = "hetlora"
+    legacy_options: ClassVar[dict[str, str]] = {"hetlora_weights": "weights"}
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
-        self.factor_weighting = str(options.get("hetlora_weights", "norm"))
-        if self.factor_weighting not in HETLORA_WEIGHTS:
-            raise ConfigError("hetlora.weights", f"must be one of {', '.join(HETLORA_WEIGHTS)}, "
-                              f"not {self.factor_weighting!r}")
-        self.self_pruning = bool(options.get("self_pruning", False))
-        self.prune_gamma = float(options.get("prune_gamma", 0.99))
-        if not 0.0 < self.prune_gamma < 1.0:
-            raise ConfigError("hetlora.prune_gamma", f"must be in (0, 1), not {self.prune_gamma}")
+    def __init__(self, spec: AdapterSpec, *, seed: int, options: Section | None = None,
+                 **settings: Any) -> None:
+        super().__init__(spec, seed=seed, options=options, **settings)
+        opts = cast(HetLoRAOptions, self.options)
+        self.factor_weighting: str = opts.weights
+        self.self_pruning = opts.self_pruning
+        self.prune_gamma = opts.prune_gamma
 
     def _params_keys(self) -> list[str]:
         keys = [lora_key(m, w) for m in self.spec.modules for w in ("A", "B")]
@@ -170,19 +184,13 @@ class HetLoRA(FederatedAlgorithm):
         r = self.spec.rank
         p = aggregation_weights(results, self.weighting)
         new: Tensors = {}
-        for module, (m, n) in self.spec.modules.items():
+        for module in self.spec.modules:
             key_a, key_b = lora_key(module, "A"), lora_key(module, "B")
             factors = [(res.tensors[key_b], res.tensors[key_a]) for _, _, res in results]
             scalings = [payload.scaling[module] for _, payload, _ in results]
             weights = self.factor_weights(factors, scalings, p)
-            a_new = torch.zeros(r, n, dtype=state.tensors[key_a].dtype)
-            b_new = torch.zeros(m, r, dtype=state.tensors[key_b].dtype)
-            for w, (b, a) in zip(weights, factors, strict=True):
-                k = a.shape[0]
-                # HetLoRA: zero-padding, rows/columns >= k_i get nothing from client i
-                a_new[:k, :] += w * a
-                b_new[:, :k] += w * b
-            new[key_a], new[key_b] = a_new, b_new
+            new[key_b], new[key_a] = zero_padded_average(factors, weights, r,
+                                                         state.tensors[key_a].dtype)
         new.update(self.average_dense(results, p))
         meta = dict(state.meta)
         if self.self_pruning:
@@ -198,6 +206,4 @@ class HetLoRA(FederatedAlgorithm):
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
         """The global rank-r_max adapter with scaling s(r_max)."""
-        tensors = {k: state.tensors[k] for k in self._params_keys()}
-        return GlobalAdapter(tensors=tensors, rank=self.spec.rank,
-                             scaling=self.spec.scaling(self.spec.rank))
+        return rank_r_adapter(self.spec, state.tensors)

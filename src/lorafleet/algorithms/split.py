@@ -10,37 +10,29 @@ aggregation, over the same named tensors as the federated family.
 - ``splitlora``: fixed split, one rank, LoRA on q and v, FedAvg of A and B separately.
 - ``hetlora-split``: fixed split, per-device ranks (the largest rank of Q whose adapters fit
   the device's memory budget), zero-padded aggregation (HetLoRA).
-- ``hsplitlora``: importance-driven per-client split point and per-weight ranks under each
-  device's memory (and FLOP) budget, noise-free stacking merged into the base, adapters
-  re-initialised every round. Each part can be switched off (``hsplitlora:`` settings).
+- ``hsplitlora`` (:mod:`lorafleet.algorithms.hsplitlora`): importance-driven per-client
+  split point and per-weight ranks under each device's memory (and FLOP) budget, noise-free
+  stacking merged into the base, adapters re-initialised every round. Each part can be
+  switched off (``hsplitlora:`` options).
 - ``centralized``: every example on one machine, unsplit LoRA: the upper bound.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
-
-import torch
+from typing import Any, ClassVar
 
 from lorafleet.algorithms.base import (
     AdapterSpec,
     ClientInfo,
-    ClientResult,
-    GlobalAdapter,
     Payload,
     ServerState,
-    Tensors,
-    aggregation_weights,
-    lora_key,
 )
 from lorafleet.algorithms.fedavg import FedAvg
-from lorafleet.algorithms.flora import FLoRA, fresh_lora_A, stack_adapters
 from lorafleet.algorithms.hetlora import HetLoRA
+from lorafleet.algorithms.registry import register
 from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.split.cost import (
     ModelDims,
@@ -48,13 +40,10 @@ from lorafleet.split.cost import (
     device_flops_per_step,
     device_memory_bytes,
 )
-from lorafleet.split.importance import ImportanceTracker, weight_key
-from lorafleet.split.planner import ClientPlan, _mb, plan_client, replan_needed
+from lorafleet.split.planner import _mb
 
 __all__ = [
     "Centralized",
-    "HSplitLoRA",
-    "HSplitLoRAPadded",
     "HetLoRASplit",
     "SplitContext",
     "SplitLoRA",
@@ -63,8 +52,6 @@ __all__ = [
     "module_layer",
     "weight_of",
 ]
-
-log = logging.getLogger("lorafleet")
 
 IMPORTANCE_PREFIX = "importance/"  # as SplitClientTrainer reports scores
 
@@ -237,9 +224,9 @@ class _SplitFamily:
     split_learning: ClassVar[bool] = True
     spec: AdapterSpec
 
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)  # type: ignore[call-arg]
-        ctx = options.get("split_context")
+    def __init__(self, spec: AdapterSpec, *, seed: int, **settings: Any) -> None:
+        super().__init__(spec, seed=seed, **settings)  # type: ignore[call-arg]
+        ctx = settings.get("split_context")
         if not isinstance(ctx, SplitContext):
             raise ConfigError("algorithm", f"{type(self).__name__} is a split-learning "
                               "algorithm; build it through an experiment (it needs the model "
@@ -263,6 +250,7 @@ class _FixedSplit(_SplitFamily):
         return payload
 
 
+@register
 class SplitLoRA(_FixedSplit, FedAvg):
     """SplitLoRA: a fixed split, one rank r, FedAvg of A and B separately every round.
 
@@ -273,6 +261,7 @@ class SplitLoRA(_FixedSplit, FedAvg):
     name: ClassVar[str] = "splitlora"
 
 
+@register
 class HetLoRASplit(_FixedSplit, HetLoRA):
     """HetLoRA under split learning: fixed split, per-device ranks k_i, zero-padded averaging.
 
@@ -281,12 +270,14 @@ class HetLoRASplit(_FixedSplit, HetLoRA):
     """
 
     name: ClassVar[str] = "hetlora-split"
+    per_device_ranks: ClassVar[bool] = True
 
     def client_layout(self, state: ServerState, client: ClientInfo) -> tuple[int, dict[str, int]]:
         """The fixed split and k_i on every adapted module."""
         return self.ctx.split_point, self.ctx.uniform_ranks(self.client_rank(state, client))
 
 
+@register
 class Centralized(FedAvg):
     """Centralised LoRA, the upper bound: all training data on one machine, unsplit.
 
@@ -298,278 +289,11 @@ class Centralized(FedAvg):
     pools_data: ClassVar[bool] = True
 
 
-class HSplitLoRA(_SplitFamily, FLoRA):
-    """HSplitLoRA: importance, adaptive split and ranks, noise-free aggregation.
+def __getattr__(name: str) -> Any:
+    """``HSplitLoRA`` (and its padded ablation) as this module named them before they got
+    their own file, :mod:`lorafleet.algorithms.hsplitlora` (which imports this one)."""
+    if name in ("HSplitLoRA", "HSplitLoRAPadded"):
+        from lorafleet.algorithms import hsplitlora
 
-    State: FLoRA's (cumulative ``"<module>.delta"``, last stack, dense values) plus in
-    ``meta``: the importance tracker, the importance snapshot the current plans were made
-    from (``None``: uniform) and a plan version that counts re-plans.
-
-    Per round each client gets fresh adapters (A seeded, B = 0) at its own ranks per module
-    (rank 0: no adapter; device layers from Q by the planner, the server's per-client
-    adapters of layers >= s at ``lora.rank``), scaling alpha / r per module; its payload
-    asks the trainer to probe importance on its first step. ``aggregate`` stacks, per
-    module, every client that adapted it: W0 ← W0 + Σ_k p_k s_k B_k A_k (p_k over the
-    round's clients), folds the clients' importance scores (p-weighted means) into the
-    tracker with round t as the step, and
-    re-plans every client when the normalised importance moved past ``replan_threshold``.
-
-    Options (from ``hsplitlora:``): ``importance``, ``adaptive``, ``replan_threshold``,
-    ``split_policy``, ``tau``; ``split_context`` from the experiment.
-    """
-
-    name: ClassVar[str] = "hsplitlora"
-    adapts_all_weights: ClassVar[bool] = True
-
-    def __init__(self, spec: AdapterSpec, *, seed: int, **options: Any) -> None:
-        super().__init__(spec, seed=seed, **options)
-        self.use_importance = bool(options.get("importance", True))
-        self.adaptive = bool(options.get("adaptive", True))
-        self.replan_threshold = float(options.get("replan_threshold", 0.05))
-        policy = str(options.get("split_policy", "objective"))
-        if policy not in ("objective", "deepest"):
-            raise ConfigError("hsplitlora.split_policy", f"must be objective or deepest, not "
-                              f"{policy!r}")
-        self.split_policy: Literal["objective", "deepest"] = (
-            "deepest" if policy == "deepest" else "objective")
-        self.tau = float(options.get("tau", 10.0))
-        self._plans: dict[tuple[int, int], tuple[int, dict[str, int], ClientPlan | None]] = {}
-        self._modules_of = {key: module for module, key in self.ctx.weights.items()
-                            if key is not None}
-
-    # ------------------------------------------------------------------ planning
-    def _rank_set(self) -> tuple[int, ...]:
-        return self.ctx.rank_set
-
-    def init_state(self) -> ServerState:
-        """FLoRA's zero deltas plus an empty importance tracker and no plan snapshot."""
-        state = super().init_state()
-        state.meta = {"tracker": ImportanceTracker(tau=self.tau).state_dict(),
-                      "snapshot": None, "plan_version": 0}
-        return state
-
-    def _importance(self, snapshot: Mapping[str, float] | None) -> dict[Key, float]:
-        """Ī per (layer, weight) the plan uses: the snapshot, or 1 for every adapted weight
-        (before any score, or with importance switched off); 0 for weights not adapted."""
-        dims = self.ctx.dims
-        imp = {(layer, w): 0.0 for layer in range(dims.num_layers) for w in dims.weights}
-        for key in self._modules_of:
-            imp[key] = 1.0
-        if snapshot and self.use_importance:
-            for name, value in snapshot.items():
-                layer, _, w = name.partition(".")
-                key = (int(layer), w)
-                if key in self._modules_of:
-                    imp[key] = float(value)
-        return imp
-
-    def client_plan(self, state: ServerState, client: ClientInfo
-                    ) -> tuple[int, dict[str, int], ClientPlan | None]:
-        """(split, module ranks, the planner's plan) of ``client`` under ``state``'s plan."""
-        version = int(state.meta.get("plan_version", 0))
-        cached = self._plans.get((client.id, version))
-        if cached is not None:
-            return cached
-        q = self._rank_set()
-        if not self.adaptive:
-            rank = min(self.spec.rank, q[-1])
-            result: tuple[int, dict[str, int], ClientPlan | None] = (
-                self.ctx.split_point, self.ctx.uniform_ranks(rank), None)
-        else:
-            ctx = self.ctx
-            try:
-                plan = plan_client(
-                    self._importance(state.meta.get("snapshot")), ctx.dims,
-                    ctx.budgets_bytes[client.id], ctx.budgets_flops[client.id], q,
-                    batch=ctx.batch, seq=ctx.seq, max_split=ctx.dims.num_layers - 1,
-                    split_policy=self.split_policy, optimizer=ctx.optimizer,
-                    eager_attention=ctx.eager_attention, server_rank=self.spec.rank,
-                    dtype_bytes=ctx.dtype_bytes, weights=ctx.weight_format)
-            except LorafleetError as err:
-                raise LorafleetError(f"client {client.id}: {err}") from None
-            ranks = {module: 0 for module in ctx.weights}
-            for planned, r in plan.ranks.items():
-                module = self._modules_of.get(planned)
-                if module is not None:
-                    ranks[module] = r
-            for module, where in ctx.weights.items():
-                if where is None:  # outside the layer stack: on the server
-                    ranks[module] = self.spec.rank
-            result = (plan.split_point, ranks, plan)
-        self._plans[(client.id, version)] = result
-        return result
-
-    def client_layout(self, state: ServerState, client: ClientInfo) -> tuple[int, dict[str, int]]:
-        """The client's current plan: split point and rank per module (0: not adapted)."""
-        split, ranks, _ = self.client_plan(state, client)
-        return split, ranks
-
-    # ------------------------------------------------------------------ rounds
-    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
-        """Fresh adapters at the client's ranks (B = 0, seeded A), its split point and cost,
-        the probe request, and the previous stack of its device modules in ``extra``."""
-        split, ranks, _ = self.client_plan(state, client)
-        tensors: Tensors = {}
-        extra: Tensors = {}
-        active = {m: r for m, r in ranks.items() if r > 0}
-        for module, r in active.items():
-            m, n = self.spec.modules[module]
-            dtype = self.spec.initial[lora_key(module, "A")].dtype
-            a = fresh_lora_A(self.seed, round, client.id, module, r, n).to(dtype)
-            tensors[lora_key(module, "A")] = a
-            tensors[lora_key(module, "B")] = torch.zeros(m, r, dtype=dtype)
-        for module, key in self.ctx.weights.items():
-            if key is not None and key[0] < split:  # the device merges its own layers' update
-                for which in ("B", "A"):
-                    stacked = state.tensors.get(f"{module}.stack_{which}")
-                    if stacked is not None:
-                        extra[f"{module}.stack_{which}"] = stacked
-        for name in self.spec.dense:
-            tensors[name] = state.tensors[name].clone()
-        config = self.ctx.client_config(client, split, active)
-        config["probe_importance"] = self.use_importance and self.adaptive
-        return Payload(tensors=tensors, ranks=active,
-                       scaling={m: self.spec.scaling(r) for m, r in active.items()},
-                       config=config, extra=extra)
-
-    def expected_update_shapes(self, payload: Payload) -> dict[str, tuple[int, ...]]:
-        """The payload's shapes: the client returns its trained fresh factors."""
-        return {k: tuple(v.shape) for k, v in payload.tensors.items()}
-
-    def aggregate(
-        self,
-        state: ServerState,
-        results: list[tuple[ClientInfo, Payload, ClientResult]],
-        round: int,
-    ) -> ServerState:
-        """Stack per module over the clients that adapted it and merge; track importance."""
-        if not results:
-            kept = {k: v for k, v in state.tensors.items() if ".stack_" not in k}
-            return ServerState(tensors=kept, meta=dict(state.meta))
-        p = aggregation_weights(results, self.weighting)
-        new: Tensors = {k: v for k, v in state.tensors.items() if ".stack_" not in k}
-        for module in self.spec.modules:
-            idx = [i for i, (_, payload, _) in enumerate(results) if module in payload.ranks]
-            if not idx:
-                continue
-            factors = [(results[i][2].tensors[lora_key(module, "B")],
-                        results[i][2].tensors[lora_key(module, "A")]) for i in idx]
-            scalings = [results[i][1].scaling[module] for i in idx]
-            b_stack, a_stack = stack_adapters(factors, [p[i] for i in idx], scalings)
-            delta = state.tensors[f"{module}.delta"]
-            # HSplitLoRA: W0 <- W0 + Σ_k p_k s_k B_k A_k over the clients that adapted W
-            new[f"{module}.delta"] = (delta.double() + b_stack.double() @ a_stack.double()
-                                      ).to(delta.dtype)
-            new[f"{module}.stack_B"], new[f"{module}.stack_A"] = b_stack, a_stack
-        new.update(self.average_dense(results, p))
-        return ServerState(tensors=new, meta=self._track(state.meta, results, p, round))
-
-    def _track(self, meta: Mapping[str, Any], results: list[tuple[ClientInfo, Payload,
-               ClientResult]], p: list[float], round: int) -> dict[str, Any]:
-        """Fold the round's importance scores into the tracker; re-plan if it moved."""
-        out = dict(meta)
-        if not (self.use_importance and self.adaptive):
-            return out
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        for (client, _, res), pk in zip(results, p, strict=True):
-            for name, value in res.metrics.items():
-                if not name.startswith(IMPORTANCE_PREFIX):
-                    continue
-                key = self.ctx.weights.get(name[len(IMPORTANCE_PREFIX):])
-                if key is None:
-                    continue
-                if not (math.isfinite(value) and value >= 0):
-                    log.warning("client %d: importance score %s = %r ignored (must be finite "
-                                "and >= 0)", client.id, name, value)
-                    continue
-                wk = weight_key(*key)
-                sums[wk] = sums.get(wk, 0.0) + pk * float(value)
-                weights[wk] = weights.get(wk, 0.0) + pk
-        if not sums:
-            return out
-        tracker = ImportanceTracker()
-        tracker.load_state_dict(out["tracker"])
-        tracker.update({k: sums[k] / weights[k] for k in sums}, step=round)
-        out["tracker"] = tracker.state_dict()
-        if replan_needed(tracker, out.get("snapshot"), self.replan_threshold):
-            out["snapshot"] = tracker.importance()
-            out["plan_version"] = int(out.get("plan_version", 0)) + 1
-            out["replans"] = [*out.get("replans", []), round]
-        return out
-
-
-class HSplitLoRAPadded(HSplitLoRA):
-    """HSplitLoRA without part 3 (ablation): the same plans, but a global adapter of rank
-    max(Q ∩ [1, r]) that clients train truncated and the server averages zero-padded per
-    module over the clients that adapted it (HetLoRA, uniform weights), instead of stacking."""
-
-    merges_into_base: ClassVar[bool] = False
-    client_returns: ClassVar[Literal["deltas", "values"]] = "values"
-    robust_refusal: ClassVar[str] = "averages zero-padded factors of different ranks"
-
-    def _rank_set(self) -> tuple[int, ...]:
-        """Q capped at the global rank r (a truncation cannot be larger than the global)."""
-        return tuple(q for q in self.ctx.rank_set if q <= self.spec.rank) or (self.spec.rank,)
-
-    def init_state(self) -> ServerState:
-        """The initial global adapter (rank r) and dense values, plus the planning meta."""
-        meta = super().init_state().meta
-        return ServerState(tensors={k: v.clone() for k, v in self.spec.initial.items()},
-                           meta=meta)
-
-    def plan(self, state: ServerState, client: ClientInfo, round: int) -> Payload:
-        """The global adapter truncated to the client's rank per module, global scaling."""
-        split, ranks, _ = self.client_plan(state, client)
-        active = {m: r for m, r in ranks.items() if r > 0}
-        tensors: Tensors = {}
-        for module, r in active.items():
-            tensors[lora_key(module, "A")] = state.tensors[lora_key(module, "A")][:r].clone()
-            tensors[lora_key(module, "B")] = state.tensors[lora_key(module, "B")][:, :r].clone()
-        for name in self.spec.dense:
-            tensors[name] = state.tensors[name].clone()
-        config = self.ctx.client_config(client, split, active)
-        config["probe_importance"] = self.use_importance and self.adaptive
-        s = self.spec.scaling(self.spec.rank)
-        return Payload(tensors=tensors, ranks=active, scaling=dict.fromkeys(active, s),
-                       config=config)
-
-    def aggregate(
-        self,
-        state: ServerState,
-        results: list[tuple[ClientInfo, Payload, ClientResult]],
-        round: int,
-    ) -> ServerState:
-        """Zero-padded average of A and B per module over the clients that adapted it."""
-        if not results:
-            return state
-        p = aggregation_weights(results, self.weighting)
-        new = dict(state.tensors)
-        for module in self.spec.modules:
-            idx = [i for i, (_, payload, _) in enumerate(results) if module in payload.ranks]
-            if not idx:
-                continue
-            total = sum(p[i] for i in idx)
-            key_a, key_b = lora_key(module, "A"), lora_key(module, "B")
-            a_new = torch.zeros_like(state.tensors[key_a])
-            b_new = torch.zeros_like(state.tensors[key_b])
-            for i in idx:
-                a, b = results[i][2].tensors[key_a], results[i][2].tensors[key_b]
-                k = a.shape[0]
-                # HetLoRA: zero-padding, rows/columns >= k_i get nothing from client i
-                a_new[:k] += (p[i] / total) * a
-                b_new[:, :k] += (p[i] / total) * b
-            new[key_a], new[key_b] = a_new, b_new
-        new.update(self.average_dense(results, p))
-        return ServerState(tensors=new, meta=self._track(state.meta, results, p, round))
-
-    def global_adapter(self, state: ServerState) -> GlobalAdapter:
-        """The global rank-r adapter with scaling s(r)."""
-        keys = [lora_key(m, w) for m in self.spec.modules for w in ("A", "B")]
-        tensors = {k: state.tensors[k] for k in [*keys, *self.spec.dense]}
-        return GlobalAdapter(tensors=tensors, rank=self.spec.rank,
-                             scaling=self.spec.scaling(self.spec.rank))
-
-    def exact_adapter(self, state: ServerState) -> GlobalAdapter | None:
-        """Not merged: ``global_adapter`` is the model."""
-        return None
+        return getattr(hsplitlora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

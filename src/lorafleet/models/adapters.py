@@ -682,6 +682,8 @@ class PeftClientTrainer:
         lr, optimizer, weight_decay, grad_clip: client optimizer settings.
         on_step: called as ``on_step(step, loss)`` after every local step (progress bars).
         precision, grad_accum_steps, loss_weight: see :meth:`AdaptedModel.train`.
+        frozen: payload tensors loaded into the adapter but not trained (FFA-LoRA's A; a
+            payload names them in ``config["frozen"]``); read back unchanged.
     """
 
     def __init__(
@@ -697,6 +699,7 @@ class PeftClientTrainer:
         precision: str = "fp32",
         grad_accum_steps: int = 1,
         loss_weight: LossWeight | None = None,
+        frozen: Iterable[str] = (),
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -708,6 +711,7 @@ class PeftClientTrainer:
         self.precision = precision
         self.grad_accum_steps = grad_accum_steps
         self.loss_weight = loss_weight
+        self.frozen = frozenset(frozen)
 
     def train(
         self,
@@ -723,7 +727,7 @@ class PeftClientTrainer:
             adapter,
             batches,
             self.loss_fn,
-            keys=list(tensors),
+            keys=[k for k in tensors if k not in self.frozen],
             lr=self.lr,
             optimizer=self.optimizer,
             weight_decay=self.weight_decay,

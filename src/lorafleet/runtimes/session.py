@@ -48,6 +48,7 @@ from lorafleet.metrics import CommLedger, SimulatedClock, tensor_bytes, train_fl
 from lorafleet.models.adapters import PeftClientTrainer
 from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
+from lorafleet.runtimes.personal import evaluate_personal
 from lorafleet.runtimes.trace import trace
 from lorafleet.runtimes.validation import (
     all_finite,
@@ -137,7 +138,7 @@ def make_trainer(exp: Experiment, payload: Payload,
         exp.model, exp.task.loss, lr=tc.lr, optimizer=tc.optimizer,
         weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, on_step=on_step,
         precision=tc.precision, grad_accum_steps=tc.grad_accum_steps,
-        loss_weight=exp.task.loss_weight,
+        loss_weight=exp.task.loss_weight, frozen=payload.config.get("frozen", ()),
     )
 
 
@@ -178,7 +179,14 @@ def train_client(
     peak = PeakMemory(exp.device)
     peak.reset()
     t0 = time.perf_counter()
-    result = exp.algorithm.client_update(trainer, payload, batches)
+    algo = exp.algorithm
+    if algo.keeps_client_state:  # the client's own tensors from its last round
+        local = (exp.client_state.get(client) if client in exp.client_state
+                 else algo.initial_client_state(exp.clients[client]))
+        result = algo.client_update(trainer, payload, batches, local=local)
+        exp.client_state.put(client, result.local)  # kept here, never shipped
+    else:
+        result = algo.client_update(trainer, payload, batches)
     trace("train_client", round=round, client=client, seconds=time.perf_counter() - t0)
     result.num_examples = exp.clients[client].num_examples
     result.metrics["peak_memory_bytes"] = float(max(
@@ -308,6 +316,7 @@ class FederatedSession:
             clock.load_state_dict(ckpt.extra["clock"])
             wall_before = float(ckpt.extra["wall_seconds"])
             norm_history = [[float(x) for x in r] for r in ckpt.extra.get("update_rms", [])]
+            exp.client_state.load_flat(ckpt.client_state)
             rows = run.truncate_metrics(ckpt.round)
             if progress:
                 console.print(f"resuming {out} after round {ckpt.round}")
@@ -527,6 +536,8 @@ class FederatedSession:
         t_eval = time.perf_counter()
         if rnd % self.cfg.train.eval_every == 0 or rnd == self.cfg.rounds:
             row.update(evaluate_global(exp, self.state, final=rnd == self.cfg.rounds))
+            if algo.personalised:
+                row.update(evaluate_personal(exp, self.state, final=rnd == self.cfg.rounds))
         t_eval = time.perf_counter() - t_eval
         row["wall_seconds"] = self.wall()
         # this process since the round began (or since its last client began), and every
@@ -535,10 +546,13 @@ class FederatedSession:
             r.metrics.get("peak_memory_bytes", 0.0) for _, _, r in tally.accepted]))
         self.run.append_metrics(row)
         self.rows.append(row)
-        save_checkpoint(self.run.checkpoint_dir, rnd, self.state, {
-            "ledger": self.ledger.state_dict(), "clock": self.clock.state_dict(),
-            "wall_seconds": row["wall_seconds"], "update_rms": self.norm_history,
-        })
+        extra = {"ledger": self.ledger.state_dict(), "clock": self.clock.state_dict(),
+                 "wall_seconds": row["wall_seconds"], "update_rms": self.norm_history}
+        if algo.keeps_client_state:  # what the clients kept, saved with the state it fits
+            save_checkpoint(self.run.checkpoint_dir, rnd, self.state, extra,
+                            client_state=exp.client_state.flat())
+        else:
+            save_checkpoint(self.run.checkpoint_dir, rnd, self.state, extra)
         trace("round_end", round=rnd, seconds=time.perf_counter() - t0, eval_s=t_eval,
               wall=row["wall_seconds"])
         return row
@@ -611,6 +625,10 @@ class FederatedSession:
                                       if r.get("peak_memory_bytes") is not None), default=None),
             "device": str(exp.device),
         }
+        personal = [r for r in rows if f"personal_{metric}" in r]
+        if personal:  # personalised methods: each client's own model on its own share
+            summary["personal_final"] = personal[-1][f"personal_{metric}"]
+            summary["personal_clients"] = personal[-1]["personal"]
         if split is not None:
             summary.update({"bytes_activations": self.ledger.activation_bytes(),
                             "split_labels": cfg.split.labels,

@@ -1,0 +1,53 @@
+"""Client-local state: the tensors each client keeps from one round to the next.
+
+A method with ``keeps_client_state`` (FedSA-LoRA keeps B on the client) returns them in
+``ClientResult.local``; they are never shipped, validated or billed. The local simulator
+keeps every client's in one :class:`ClientStore` (not one model per client), and the run's
+checkpoint stores them beside the server state, so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from lorafleet.algorithms.base import Tensors
+
+__all__ = ["ClientStore"]
+
+SEPARATOR = "/"  # checkpoint names: "<client>/<tensor>"
+
+
+class ClientStore:
+    """Client id -> the tensors that client keeps (CPU copies)."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[int, Tensors] = {}
+
+    def __contains__(self, client: int) -> bool:
+        return client in self._tensors
+
+    def get(self, client: int) -> Tensors:
+        """The tensors ``client`` kept after its last round ({} before its first)."""
+        return dict(self._tensors.get(client, {}))
+
+    def put(self, client: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace what ``client`` keeps."""
+        self._tensors[client] = {k: v.detach().cpu() for k, v in tensors.items()}
+
+    def clients(self) -> list[int]:
+        """The clients that keep something, in id order."""
+        return sorted(self._tensors)
+
+    def flat(self) -> Tensors:
+        """Every client's tensors under ``"<client>/<name>"`` (what a checkpoint stores)."""
+        return {f"{c}{SEPARATOR}{k}": v for c in self.clients()
+                for k, v in self._tensors[c].items()}
+
+    def load_flat(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace the store with :meth:`flat`'s output."""
+        self._tensors = {}
+        for key, value in tensors.items():
+            client, _, name = key.partition(SEPARATOR)
+            self._tensors.setdefault(int(client), {})[name] = value
