@@ -174,8 +174,13 @@ def test_full_rank_fslora_equals_fedavg_on_a_quantized_model(llama64_dir):
         return algo.global_adapter(state).tensors, model.spec.initial
 
     (fs, initial), (fa, _) = run(FSLoRA), run(FedAvg)
+    # FSLoRA adds the mean delta (x + sum p_i (x_i - x)), FedAvg averages the models
+    # (sum p_i x_i): equal in exact arithmetic, 1.5e-8 apart after round 1 here. Round 2
+    # trains from those two states on the dequantized 4-bit weights at lr 5e-2, which grows
+    # the float32 rounding to ~3e-6 on some CPUs (1e-6 held on others): 1e-5 keeps a margin
+    # and still fails on any real difference (a wrong scaling or slice is ~1e-2).
     for key in fa:
-        assert torch.allclose(fs[key], fa[key], atol=1e-6), key
+        assert torch.allclose(fs[key], fa[key], atol=1e-5), key
         assert not torch.allclose(fa[key], initial[key]), key  # every tensor trained
 
 
