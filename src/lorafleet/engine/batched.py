@@ -166,12 +166,12 @@ def train_clients(exp: Experiment, jobs: Sequence[tuple[int, Payload, Any]], rnd
             why, size = str(err), 1
     if size > 1:
         for i, job in enumerate(work):
-            err = _record(exp, job, rnd)
-            if isinstance(err, BatchingUnsupported) or err is None and not _fits(
+            failure = _record(exp, job, rnd)
+            if isinstance(failure, BatchingUnsupported) or failure is None and not _fits(
                     job, names, layers):
                 continue  # trained alone below
-            if err is not None:
-                outcomes[i] = err
+            if failure is not None:
+                outcomes[i] = failure
             else:
                 ready.append(i)
     elif why is not None and len(work) > 1:
@@ -184,7 +184,7 @@ def train_clients(exp: Experiment, jobs: Sequence[tuple[int, Payload, Any]], rnd
             for i, outcome in zip(group, _train_and_replay(exp, [work[i] for i in group], rnd),
                                   strict=True):
                 outcomes[i] = outcome
-        except (*CLIENT_ERRORS, BatchingUnsupported) as err:
+        except CLIENT_ERRORS as err:  # BatchingUnsupported is a RuntimeError
             log.warning("train.client_batching: a group of %d failed together (%s); its "
                         "clients train one at a time", len(group), str(err).splitlines()[0])
             release_memory(exp.device)
@@ -211,6 +211,8 @@ def _train_and_replay(exp: Experiment, group: list[_Job], rnd: int) -> list[Outc
         try:
             result = exp.algorithm.client_update(_Replay(values, metrics), job.payload,
                                                  iter(job.batches))
+        except BatchingUnsupported:
+            raise  # the whole group trains one at a time
         except CLIENT_ERRORS as err:
             out.append(err)
             continue
@@ -252,19 +254,18 @@ def _stack(parts: list[Batch], pad_id: int, device: torch.device
 class _RowsOf:
     """What a task's loss sees as the model: one client's rows of the batched logits."""
 
-    def __init__(self, logits: torch.Tensor, segment: Segment) -> None:
-        self.logits, self.segment = logits, segment
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
         self._anchor = logits.new_empty(0)
 
     def parameters(self) -> Iterator[torch.Tensor]:
         yield self._anchor  # the device the task moves the batch to
 
     def __call__(self, *, input_ids: torch.Tensor, **_: Any) -> Any:
-        seg = self.segment
-        if tuple(input_ids.shape[:1]) != (seg.hi - seg.lo,):
+        if input_ids.shape[0] != self.logits.shape[0]:
             raise BatchingUnsupported("the task's loss asked for other rows than its batch's")
-        logits = self.logits[seg.lo:seg.hi]
-        if logits.dim() == 3:
+        logits = self.logits
+        if logits.dim() == 3 and logits.shape[1] != input_ids.shape[1]:
             logits = logits[:, : input_ids.shape[1]]
         return _Output(logits)
 
@@ -310,8 +311,9 @@ def train_group(exp: Experiment, group: list[_Job], rnd: int
             rows.step([clients[i].adapter for i in active], segments)
             with randomness:  # every dropout of the forward: per client
                 logits = model.peft(**batch).logits
-            losses = [loss_fn(_RowsOf(logits, seg), part)  # type: ignore[arg-type]
-                      for seg, part in zip(segments, parts, strict=True)]
+            per_client = logits.split([s.hi - s.lo for s in segments])  # one split backward
+            losses = [loss_fn(_RowsOf(own), part)  # type: ignore[arg-type]
+                      for own, part in zip(per_client, parts, strict=True)]
             torch.stack(losses).sum().backward()  # ∂(Σ L_j)/∂θ_i = ∂L_i/∂θ_i
             for i, loss in zip(active, losses, strict=True):
                 c = clients[i]

@@ -169,15 +169,25 @@ class ClientRandomness(TorchFunctionMode):
         raise BatchingUnsupported(f"a dropout input of shape {tuple(x.shape)} has no known "
                                   f"sequence axis of width {self.width}")
 
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # one split, not a slice per client: a slice's backward writes a zero tensor of
+        # the whole batch's size for every client
+        return x.split([seg.hi - seg.lo for seg in self.segments])
+
     def _per_client(self, x: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor]
                     ) -> torch.Tensor:
         self._rows(x)
-        out = x.clone()  # padding keeps its values: no real token reads them
-        for seg in self.segments:
-            index = self._index(x, seg)
+        pieces = []
+        for seg, part in zip(self.segments, self._split(x), strict=True):
+            index = (slice(None), *self._index(x, seg)[1:])
+            own = part[index].contiguous()
             with self.generators.of(seg.client):
-                out[index] = op(x[index].contiguous())
-        return out
+                dropped = op(own)
+            if own.shape != part.shape:  # padding keeps its values (no real token reads them)
+                dropped = torch.cat([dropped, part[:, seg.length:]], dim=1) if x.dim() == 3 \
+                    else F.pad(dropped, (0, x.shape[3] - seg.length, 0, x.shape[2] - seg.length))
+            pieces.append(dropped)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def _attention(self, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
@@ -189,14 +199,17 @@ class ClientRandomness(TorchFunctionMode):
         if q.dim() != 4 or q.shape[2] != self.width or k.shape[2] != self.width:
             raise BatchingUnsupported(f"attention of shape {tuple(q.shape)} has no sequence "
                                       f"axis of width {self.width}")
-        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
-        for seg in self.segments:
-            r, t = slice(seg.lo, seg.hi), slice(0, seg.length)
-            m = mask
-            if m is not None:
-                m = m[r] if m.shape[0] == rows else m
-                m = m[..., t, t]
+        masks: Sequence[torch.Tensor | None] = [mask] * len(self.segments)
+        if mask is not None and mask.shape[0] == rows:
+            masks = self._split(mask)
+        pieces = []
+        for seg, qi, ki, vi, mi in zip(self.segments, self._split(q), self._split(k),
+                                       self._split(v), masks, strict=True):
+            t = slice(0, seg.length)
             with self.generators.of(seg.client):
-                out[r, :, t] = F.scaled_dot_product_attention(
-                    q[r, :, t], k[r, :, t], v[r, :, t], attn_mask=m, **bound)
-        return out
+                out = F.scaled_dot_product_attention(
+                    qi[:, :, t], ki[:, :, t], vi[:, :, t],
+                    attn_mask=None if mi is None else mi[..., t, t], **bound)
+            # padded queries get zeros: no real token reads them
+            pieces.append(F.pad(out, (0, 0, 0, self.width - seg.length)))
+        return torch.cat(pieces)

@@ -119,7 +119,7 @@ class RowAdapters:
         try:
             for name, layer in self.layers.items():
                 cast(Any, layer).forward = self._lora_forward(name, layer)
-                patched.append(layer)
+                patched.append(cast(torch.nn.Module, layer))
             for name, wrapper in self.heads.items():
                 cast(Any, wrapper).forward = self._head_forward(name, wrapper)
                 patched.append(wrapper)
@@ -152,10 +152,10 @@ class RowAdapters:
             delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * s
             return delta.reshape(*x.shape[:-1], b.shape[1])
         parts = []
-        for i, seg in enumerate(self._segments):  # unequal rows: one client at a time
-            adapter = self._adapters[i]
+        for adapter, xi in zip(self._adapters, x.split(rows), strict=True):
+            # unequal rows: one client at a time
             ai, bi = adapter.params[lora_key(name, "A")], adapter.params[lora_key(name, "B")]
-            parts.append(F.linear(F.linear(x[seg.lo:seg.hi], ai), bi) * adapter.scaling[name])
+            parts.append(F.linear(F.linear(xi, ai), bi) * adapter.scaling[name])
         return torch.cat(parts)
 
     def _head_forward(self, name: str, wrapper: ModulesToSaveWrapper) -> Any:
@@ -164,12 +164,12 @@ class RowAdapters:
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             parts = []
-            for i, seg in enumerate(self._segments):
-                params = {k[len(prefix):]: v for k, v in self._adapters[i].params.items()
+            pieces = x.split([seg.hi - seg.lo for seg in self._segments])
+            for adapter, seg, xi in zip(self._adapters, self._segments, pieces, strict=True):
+                params = {k[len(prefix):]: v for k, v in adapter.params.items()
                           if k.startswith(prefix)}
                 with self.randomness.only(seg):
-                    parts.append(functional_call(module, params, (x[seg.lo:seg.hi], *args),
-                                                 kwargs))
+                    parts.append(functional_call(module, params, (xi, *args), kwargs))
             return torch.cat(parts)
 
         return forward
