@@ -6,6 +6,7 @@ Every experiment is one YAML file validated here; the CLI only overrides fields
 
 from __future__ import annotations
 
+import math
 import re
 import types
 from pathlib import Path
@@ -259,6 +260,38 @@ class TrainConfig(_Section):
         False, description="Recompute each layer's activations in the backward instead of "
         "keeping them (less memory, more compute; the same update).",
     )
+    client_batching: bool | int | str = Field(
+        "off", description="Local runtime: train a round's clients together, one forward and "
+        "backward per step for a group of them (lorafleet.engine.batched): off (one after "
+        "another), a group size N, auto (the largest group that fits 80% of the device's free "
+        "memory) or auto:GB (that fits GB gigabytes). The same updates up to float32 "
+        "rounding; what cannot be batched exactly trains one at a time.",
+    )
+
+    @field_validator("client_batching", mode="before")
+    @classmethod
+    def _check_client_batching(cls, value: Any) -> int | str:
+        allowed = "allowed: off, auto, auto:GB (e.g. auto:8) or a group size N >= 1"
+        if value is False:  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError(f"a group size must be >= 1, got {value} ({allowed})")
+            return value
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("off", "auto"):
+                return text
+            if text.isdigit() and int(text) >= 1:
+                return int(text)
+            if text.startswith("auto:"):
+                try:
+                    limit = float(text.removeprefix("auto:"))
+                except ValueError:
+                    limit = math.nan
+                if math.isfinite(limit) and limit > 0:
+                    return f"auto:{limit:.15g}"
+        raise ValueError(f"{value!r} is not a batching mode ({allowed})")
 
 
 class SplitSettings(_Section):

@@ -153,6 +153,15 @@ def _trained(session: FederatedSession, tally: RoundTally, workers: Any, bars: R
         except CLIENT_ERRORS as err:
             return err
 
+    if workers is None and exp.cfg.train.client_batching != "off":
+        # train.client_batching: the round's clients train in groups (lorafleet.engine)
+        from lorafleet.engine.batched import train_clients
+
+        jobs = [start(cid) for cid in tally.available]
+        outcomes = train_clients(exp, [(cid, p, t) for cid, p, _, t in jobs], rnd)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            yield (*job, outcome)
+        return
     if workers is None or workers.replicas == 1:
         for cid in tally.available:
             job = start(cid)
