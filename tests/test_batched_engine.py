@@ -318,3 +318,27 @@ def test_local_run_keeps_ledger_clock_and_checkpoints(algorithm, tmp_path, tiny_
     run_local(cfg, tmp_path / "resumed", progress=False, resume=True)
     c = load_file(tmp_path / "resumed" / out / name)
     assert all(torch.equal(c[k], v) for k, v in b.items())
+
+
+@pytest.mark.parametrize("algorithm", ["ffa-lora", "fedsa-lora", "fedex-lora"])
+def test_frozen_and_client_local_tensors_train_as_sequential(algorithm, tiny_bert_dir,
+                                                             tiny_text_csv):
+    """FFA-LoRA's frozen A, FedSA-LoRA's client-local B and FedEx-LoRA's merged residual:
+    the batched engine gives the sequential result (batched or trained one at a time)."""
+    def outcomes(batching: Any) -> list[Any]:
+        exp = _exp(tiny_bert_dir, tiny_text_csv, algorithm=algorithm,
+                   **{"train.client_batching": batching})
+        state = exp.algorithm.init_state()
+        payloads = [exp.algorithm.plan(state, c, 1) for c in exp.clients]
+        if batching == "off":
+            return [train_client(exp, make_trainer(exp, p), p, c.id, 1)
+                    for c, p in zip(exp.clients, payloads, strict=True)]
+        return train_clients(exp, [(c.id, p, make_trainer(exp, p))
+                                   for c, p in zip(exp.clients, payloads, strict=True)], 1)
+
+    seq, bat = outcomes("off"), outcomes(4)
+    _assert_same(seq, bat)
+    for (rs, _), (rb, _) in zip(seq, bat, strict=True):
+        assert rb.local.keys() == rs.local.keys()
+        for k, want in rs.local.items():
+            torch.testing.assert_close(rb.local[k], want, atol=ATOL, rtol=RTOL, msg=k)

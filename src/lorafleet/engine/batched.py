@@ -102,6 +102,8 @@ def batchable(exp: Experiment) -> str | None:
     tc = exp.cfg.train
     if exp.algorithm.split_learning:
         return "split learning trains through its own client/server steps"
+    if exp.algorithm.keeps_client_state:
+        return "the algorithm keeps client-local state (each client trains with its own)"
     if tc.precision != "fp32":
         return f"train.precision is {tc.precision} (the batched engine runs fp32)"
     if tc.grad_accum_steps != 1:
