@@ -21,7 +21,6 @@ from lorafleet.config import load_config
 from lorafleet.errors import ConfigError
 from lorafleet.experiment import build_experiment
 from lorafleet.hardware import (
-    PeakMemory,
     autocast,
     check_device,
     grad_scaler,
@@ -220,22 +219,12 @@ def test_cpu_peak_memory_sees_a_transient_allocation():
     ).stdout.split()
     before, after, again, resets = map(int, out)
     assert after - before >= 192 * 2**20, (before, after)
+    # (in a fresh process: in pytest's, freed heap stays resident, so a reset can leave the
+    # peak at the current RSS with nothing to show; the reset is only checked here)
     if resets:
         assert again < after  # back to the current RSS
     else:  # no reset here: the peak since the process started, which never goes down
         assert again == after
-
-
-def test_peak_memory_says_whether_its_reset_took_effect():
-    peak = PeakMemory(CPU)
-    peak.reset()
-    if not peak.resets:
-        pytest.skip("this kernel does not reset VmHWM (clear_refs)")
-    big = torch.ones(64 * 2**20 // 4)
-    del big
-    high = peak.read()
-    peak.reset()
-    assert peak.resets and peak.read() < high
 
 
 def test_metrics_rows_and_summary_report_peak_memory(tmp_path, tiny_bert_dir, tiny_text_csv):
