@@ -1,6 +1,5 @@
 """HSplitLoRA: importance, adaptive split and ranks, noise-free aggregation (docs/design.md §4.3).
 
-
 Part 1 tracks each adapted weight's importance; part 2 plans, per client, a split point and
 a rank per weight under its device's memory (and FLOP) budget
 (:func:`~lorafleet.split.planner.plan_client`); part 3 stacks the clients' fresh adapters
