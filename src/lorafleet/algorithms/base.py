@@ -412,6 +412,18 @@ class FederatedAlgorithm(ABC):
 
         return weighted_sum([res.tensors for _, _, res in results], weights, list(self.spec.dense))
 
+    def average_values(self, state: ServerState, results: list[tuple[ClientInfo, Payload,
+                       ClientResult]], keys: list[str]) -> ServerState:
+        """The state whose ``keys`` are sum_i p_i x_i of the clients' values (``state``
+        itself when no client reported), with the configured weighting."""
+        from lorafleet.algorithms.aggregation import weighted_sum  # it imports this module
+
+        if not results:
+            return state
+        p = aggregation_weights(results, self.weighting)
+        new = weighted_sum([res.tensors for _, _, res in results], p, keys)
+        return ServerState(tensors=new, meta=dict(state.meta))
+
     @abstractmethod
     def aggregate(
         self,

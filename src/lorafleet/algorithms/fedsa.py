@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from lorafleet.algorithms.aggregation import rank_r_adapter, weighted_sum
+from lorafleet.algorithms.aggregation import rank_r_adapter
 from lorafleet.algorithms.base import (
     Batch,
     ClientInfo,
@@ -26,7 +26,6 @@ from lorafleet.algorithms.base import (
     Payload,
     ServerState,
     Tensors,
-    aggregation_weights,
     lora_key,
 )
 from lorafleet.algorithms.registry import register
@@ -84,11 +83,7 @@ class FedSALoRA(FederatedAlgorithm):
     def aggregate(self, state: ServerState, results: list[tuple[ClientInfo, Payload,
                   ClientResult]], round: int) -> ServerState:
         """A <- sum_i p_i A_i, dense likewise."""
-        if not results:
-            return state
-        p = aggregation_weights(results, self.weighting)
-        new = weighted_sum([res.tensors for _, _, res in results], p, self._shared())
-        return ServerState(tensors=new, meta=dict(state.meta))
+        return self.average_values(state, results, self._shared())
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
         """The shared part: the averaged A with the initial B (zeros), and dense."""

@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from lorafleet.algorithms.aggregation import rank_r_adapter, weighted_sum
+from lorafleet.algorithms.aggregation import rank_r_adapter
 from lorafleet.algorithms.base import (
     Batch,
     ClientInfo,
@@ -27,7 +27,6 @@ from lorafleet.algorithms.base import (
     GlobalAdapter,
     Payload,
     ServerState,
-    aggregation_weights,
     lora_key,
 )
 from lorafleet.algorithms.registry import register
@@ -81,13 +80,9 @@ class FFALoRA(FederatedAlgorithm):
 
     def aggregate(self, state: ServerState, results: list[tuple[ClientInfo, Payload,
                   ClientResult]], round: int) -> ServerState:
-        """B <- sum_i p_i B_i (exact: A0 is shared), dense likewise."""
-        if not results:
-            return state
-        p = aggregation_weights(results, self.weighting)
-        # FFA-LoRA: sum_i p_i s B_i A0 = s (sum_i p_i B_i) A0
-        new = weighted_sum([res.tensors for _, _, res in results], p, self._trained())
-        return ServerState(tensors=new, meta=dict(state.meta))
+        """B <- sum_i p_i B_i (exact: A0 is shared, sum_i p_i s B_i A0 = s (sum_i p_i B_i) A0),
+        dense likewise."""
+        return self.average_values(state, results, self._trained())
 
     def global_adapter(self, state: ServerState) -> GlobalAdapter:
         """A0 and the averaged B at rank r, scaling s."""
