@@ -16,6 +16,8 @@ in. Before that its rows have no adapter (its layers < s_i are the device's) and
 random numbers (:attr:`~lorafleet.engine.randomness.ClientRandomness.idle`), so nothing
 reaches its values, its gradients or its dropout masks; the price is s_i - s_min layers of
 compute on its placeholder rows, for one pass instead of one per distinct split point.
+:func:`passes` weighs the two: split points join one pass while the placeholder work stays
+within :data:`MAX_IDLE_SHARE` of the pass's useful layer work, else they start another.
 
 Everything else stays each client's own, as in the sequential split trainer
 (:class:`~lorafleet.models.split_training.SplitClientTrainer`): both sides' optimizers and
@@ -60,9 +62,12 @@ from lorafleet.models.split_training import SplitClientTrainer, SplitStats, _Log
 from lorafleet.runtimes.session import CLIENT_ERRORS, train_client
 from lorafleet.split.importance import unit_rank_cost, weight_score
 
-__all__ = ["split_batchable", "train_split_clients", "train_split_group"]
+__all__ = ["MAX_IDLE_SHARE", "passes", "split_batchable", "train_split_clients",
+           "train_split_group"]
 
 log = logging.getLogger("lorafleet")
+
+MAX_IDLE_SHARE = 0.25  # of a server pass's layer work that placeholder rows may take
 
 
 def split_batchable(exp: Experiment) -> str | None:
@@ -136,8 +141,11 @@ def train_split_clients(exp: Experiment, jobs: Sequence[tuple[int, Payload, Any]
                 ready.append(i)
     elif why is not None and len(work) > 1:
         log.info("train.client_batching: split clients train one at a time (%s)", why)
-    for start in range(0, len(ready), size):
-        group = ready[start:start + size]
+    num_layers = exp.split.dims.num_layers if exp.split is not None else 0
+    chunks = [p[start:start + size]
+              for p in passes([(i, work[i].trainer.split_point) for i in ready], num_layers)
+              for start in range(0, len(p), size)]
+    for group in chunks:
         if len(group) == 1:
             continue  # a group of one trains alone, exactly as the sequential engine
         try:
@@ -156,6 +164,30 @@ def train_split_clients(exp: Experiment, jobs: Sequence[tuple[int, Payload, Any]
             except CLIENT_ERRORS as err:
                 outcomes[i] = err
     return [o for o in outcomes if o is not None]
+
+
+def passes(clients: Sequence[tuple[int, int]], num_layers: int) -> list[list[int]]:
+    """The server passes of a round's (client, split point) pairs, in client order per pass.
+
+    Split points ascending, a split point's clients join the current pass while its idle
+    row-layers (Σ s_i - s_min: placeholder rows before each client's own layer) stay within
+    :data:`MAX_IDLE_SHARE` of its useful ones (Σ L - s_i); otherwise they start the next.
+    One pass per distinct split point wastes nothing but batches less; one pass for all
+    batches most but computes layers [s_min, s_i) for nothing.
+    """
+    out: list[list[tuple[int, int]]] = []
+    for split in sorted({s for _, s in clients}):
+        joining = [(c, s) for c, s in clients if s == split]
+        if out:
+            trial = out[-1] + joining
+            low = min(s for _, s in trial)
+            idle = sum(s - low for _, s in trial)
+            useful = sum(num_layers - s for _, s in trial)
+            if idle <= MAX_IDLE_SHARE * useful:
+                out[-1] = trial
+                continue
+        out.append(joining)
+    return [sorted(c for c, _ in group) for group in out]
 
 
 @dataclass
