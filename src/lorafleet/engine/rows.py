@@ -98,8 +98,8 @@ class RowAdapters:
         self._adapters: list[ClientAdapter] = []
         self._segments: list[Segment] = []
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        # called as observe(module, x, base_output) in every LoRA layer's forward
-        self.observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
+        # observe(module, x, base_output) -> the base output to use, in every LoRA layer
+        self.observe: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def wire_names(self) -> set[str]:
         """Every tensor a client must bring: both factors of every layer, every head value."""
@@ -136,7 +136,7 @@ class RowAdapters:
             kwargs.pop("adapter_names", None)
             result = cast(Any, layer).base_layer(x, *args, **kwargs)
             if self.observe is not None:
-                self.observe(name, x, result)
+                result = self.observe(name, x, result)
             x = x.to(torch.float32)  # PEFT casts to the adapter's dtype (float32)
             if self.dropout > 0:
                 x = F.dropout(x, self.dropout, True)  # per client: ClientRandomness

@@ -249,7 +249,8 @@ def _client(exp: Experiment, rows: RowAdapters, job: _Job) -> _Client:
 
 class _Probe:
     """HSplitLoRA's first-step probe per client: s(W) from ∂L_i/∂W = Σ over its rows of
-    gᵀx at each adapted frozen W (what W.grad holds when the client trains alone)."""
+    gᵀx at each adapted frozen W (what W.grad holds when the client trains alone), computed
+    in a hook on the base output's gradient g, so W itself never needs a gradient."""
 
     def __init__(self, rows: RowAdapters, clients: list[_Client]) -> None:
         self.rows, self.clients = rows, clients
@@ -257,29 +258,23 @@ class _Probe:
 
     @contextlib.contextmanager
     def active(self, on: bool) -> Iterator[None]:
-        """The block's forwards probe; base outputs require grad (W does, as alone)."""
-        weights = [cast(torch.Tensor, layer.get_base_layer().weight)
-                   for layer in self.rows.layers.values()]
+        """The block's forwards probe."""
         self.on = on
-        if on:
-            for w in weights:
-                w.requires_grad_(True)
         try:
             yield
         finally:
             self.on = False
-            for w in weights:
-                w.requires_grad_(False)
-                w.grad = None
 
-    def __call__(self, name: str, x: torch.Tensor, result: torch.Tensor) -> None:
-        if not self.on or not result.requires_grad:
-            return
+    def __call__(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            return result
         idle = self.rows.randomness.idle
         segments = [s for s in self.rows._segments
                     if self.clients[s.client].probes and s.client not in idle]
         if not segments:
-            return
+            return result
+        if not result.requires_grad:  # a first layer's input: make its gradient flow here
+            result = result + result.new_zeros((), requires_grad=True)  # + 0: the same values
         layer = self.rows.layers[name]
         weight = cast(torch.Tensor, layer.get_base_layer().weight)
         transposed = bool(getattr(layer, "fan_in_fan_out", False))  # GPT-2's Conv1D: (n, m)
@@ -297,6 +292,7 @@ class _Probe:
                     weight, dw, unit_rank_cost(int(weight.shape[0]), int(weight.shape[1])))
 
         result.register_hook(hook)
+        return result
 
 
 def _stacked(received: list[Activations], width: int, entering: list[bool]) -> Activations:
