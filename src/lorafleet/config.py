@@ -264,8 +264,10 @@ class TrainConfig(_Section):
         "off", description="Local runtime: train a round's clients together, one forward and "
         "backward per step for a group of them (lorafleet.engine.batched): off (one after "
         "another), a group size N, auto (the largest group that fits 80% of the device's free "
-        "memory) or auto:GB (that fits GB gigabytes). The same updates up to float32 "
-        "rounding; what cannot be batched exactly trains one at a time.",
+        "memory) or auto:GB (that fits GB gigabytes); split learning steps the group in "
+        "lockstep, the main server running one pass over all its activations "
+        "(lorafleet.engine.split_batched). The same updates up to float32 rounding; what "
+        "cannot be batched exactly trains one at a time.",
     )
 
     @field_validator("client_batching", mode="before")

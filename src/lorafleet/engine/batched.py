@@ -18,10 +18,11 @@ Algorithms are not touched: the engine calls ``algorithm.client_update`` twice p
 first with a trainer that only records what the algorithm asks to train (tensors, ranks,
 scaling, batches), then, after the group has trained, with one that hands back the trained
 values, so the algorithm's own pre- and post-processing (deltas or values) runs as always.
-What the engine cannot batch exactly (split learning, autocast, gradient accumulation or
-checkpointing, quantized bases, payloads that do not name every adapter tensor, a random op
-it cannot split per client) is trained one client at a time by the sequential engine, and so
-is a group that fails as a whole (e.g. out of memory).
+Split learning trains in lockstep, the main server's side batched
+(:mod:`lorafleet.engine.split_batched`). What the engine cannot batch exactly (autocast,
+gradient accumulation or checkpointing, quantized bases, payloads that do not name every
+adapter tensor, a random op it cannot split per client) is trained one client at a time by
+the sequential engine, and so is a group that fails as a whole (e.g. out of memory).
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ class _Replay:
 def batchable(exp: Experiment) -> str | None:
     """Why ``exp``'s clients cannot be batched exactly (None: they can)."""
     tc = exp.cfg.train
-    if exp.algorithm.split_learning:
-        return "split learning trains through its own client/server steps"
+    if exp.algorithm.split_learning:  # lockstep device and server steps
+        from lorafleet.engine.split_batched import split_batchable
+
+        return split_batchable(exp)
     if exp.algorithm.keeps_client_state:
         return "the algorithm keeps client-local state (each client trains with its own)"
     if tc.precision != "fp32":
@@ -154,6 +157,10 @@ def train_clients(exp: Experiment, jobs: Sequence[tuple[int, Payload, Any]], rnd
     order given, as :func:`~lorafleet.runtimes.session.train_client` returns it (or its
     error, one of ``CLIENT_ERRORS``).
     """
+    if exp.algorithm.split_learning:
+        from lorafleet.engine.split_batched import train_split_clients
+
+        return train_split_clients(exp, jobs, rnd)
     work = [_Job(client=c, payload=p, trainer=t) for c, p, t in jobs]
     outcomes: list[Outcome | None] = [None] * len(work)
     why = batchable(exp)
@@ -199,11 +206,16 @@ def train_clients(exp: Experiment, jobs: Sequence[tuple[int, Payload, Any]], rnd
     return [o for o in outcomes if o is not None]
 
 
-def _train_and_replay(exp: Experiment, group: list[_Job], rnd: int) -> list[Outcome]:
+def _train_and_replay(exp: Experiment, group: list[_Job], rnd: int,
+                      train: Callable[[Experiment, list[_Job], int],
+                                      list[tuple[Tensors, dict[str, float]]]] | None = None
+                      ) -> list[Outcome]:
+    """Train ``group`` together (``train``, default :func:`train_group`) and replay each
+    client's values through its algorithm."""
     peak = PeakMemory(exp.device)
     peak.reset()
     t0 = time.perf_counter()
-    trained = train_group(exp, group, rnd)
+    trained = (train or train_group)(exp, group, rnd)
     trace("train_group", round=rnd, clients=[j.client for j in group],
           seconds=time.perf_counter() - t0)
     peak_bytes = float(peak.read())

@@ -111,6 +111,11 @@ class ClientRandomness(TorchFunctionMode):
     (B, d) rows; (B, T, d) hidden states; (B, h, T, T) attention probabilities; and for
     ``scaled_dot_product_attention`` queries, keys and values (B, h, T, d_h) with a mask
     (B or 1, h or 1, T, T).
+
+    Clients in :attr:`idle` (their rows carry no values of theirs yet: a split client whose
+    activations enter the main server's batched pass at a later layer) draw nothing: their
+    dropout passes its input through and their attention with dropout gives zeros. With
+    :attr:`enabled` off, random ops draw from the global generator as outside the block.
     """
 
     def __init__(self, device: torch.device, seeds: Sequence[int]) -> None:
@@ -118,6 +123,8 @@ class ClientRandomness(TorchFunctionMode):
         self.generators = _Generators(device, seeds)
         self.segments: list[Segment] = []
         self.width = 0
+        self.idle: frozenset[int] = frozenset()
+        self.enabled = True  # off: random ops draw from the global generator as usual
 
     def step(self, segments: list[Segment], width: int) -> None:
         """The rows and padded width of the coming forward."""
@@ -136,6 +143,8 @@ class ClientRandomness(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        if not self.enabled:
+            return func(*args, **kwargs)
         if func is F.dropout or func is torch.dropout:
             p = float(_arg(args, kwargs, 1, "p", 0.5))
             training = bool(_arg(args, kwargs, 2, "training" if func is F.dropout else "train",
@@ -179,6 +188,9 @@ class ClientRandomness(TorchFunctionMode):
         self._rows(x)
         pieces = []
         for seg, part in zip(self.segments, self._split(x), strict=True):
+            if seg.client in self.idle:
+                pieces.append(part)
+                continue
             index = (slice(None), *self._index(x, seg)[1:])
             own = part[index].contiguous()
             with self.generators.of(seg.client):
@@ -205,6 +217,9 @@ class ClientRandomness(TorchFunctionMode):
         pieces = []
         for seg, qi, ki, vi, mi in zip(self.segments, self._split(q), self._split(k),
                                        self._split(v), masks, strict=True):
+            if seg.client in self.idle:
+                pieces.append(qi.new_zeros(*qi.shape[:-1], vi.shape[-1]))
+                continue
             t = slice(0, seg.length)
             with self.generators.of(seg.client):
                 out = F.scaled_dot_product_attention(

@@ -23,7 +23,7 @@ left as it was when the block ends.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -98,6 +98,8 @@ class RowAdapters:
         self._adapters: list[ClientAdapter] = []
         self._segments: list[Segment] = []
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # observe(module, x, base_output) -> the base output to use, in every LoRA layer
+        self.observe: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def wire_names(self) -> set[str]:
         """Every tensor a client must bring: both factors of every layer, every head value."""
@@ -133,6 +135,8 @@ class RowAdapters:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             kwargs.pop("adapter_names", None)
             result = cast(Any, layer).base_layer(x, *args, **kwargs)
+            if self.observe is not None:
+                result = self.observe(name, x, result)
             x = x.to(torch.float32)  # PEFT casts to the adapter's dtype (float32)
             if self.dropout > 0:
                 x = F.dropout(x, self.dropout, True)  # per client: ClientRandomness
