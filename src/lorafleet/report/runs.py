@@ -117,7 +117,6 @@ def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return groups
 
 
-
 def number(x: Any) -> float:
     """``x`` as a float; NaN when it is missing or not a number (a bool is not one)."""
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else math.nan
