@@ -32,11 +32,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
-from peft.utils.other import transpose
 
 from lorafleet.algorithms.base import (
     AdapterSpec,
@@ -59,7 +57,7 @@ from lorafleet.models.training import (
     train_steps,
     training_mode,
 )
-from lorafleet.models.weights import WeightProbe, is_quantized, merges_in_place
+from lorafleet.models.weights import BaseDeltas, WeightProbe, is_quantized
 
 __all__ = ["GLOBAL_ADAPTER", "AdaptedModel", "LossFn", "LossWeight",
            "PeftClientTrainer", "WeightProbe", "accumulate", "is_quantized", "micro_batches",
@@ -141,11 +139,10 @@ class AdaptedModel:
                 self._heads[name] = module
         if not self._lora_layers:
             raise ValueError(f"no module matched lora.target_modules={target_modules}")
-        self._base_weights: dict[str, torch.Tensor] = {}
+        self._deltas = BaseDeltas()  # merged updates (set_base_delta)
         # Merged deltas of weights that cannot hold them (quantized, half precision), applied
         # beside them by a forward hook: module -> (m, n) float32 on the model's device.
-        self._side_deltas: dict[str, torch.Tensor] = {}
-        self._side_hooks: dict[str, Any] = {}
+        self._side_deltas = self._deltas.side
         self.spec = AdapterSpec(
             modules={n: self._shape(layer) for n, layer in self._lora_layers.items()},
             dense={k: tuple(v.shape) for k, v in self._dense_params(GLOBAL_ADAPTER).items()},
@@ -304,36 +301,7 @@ class AdaptedModel:
         """
         with torch.no_grad():
             for module, delta in deltas.items():
-                base = self._lora_layers[module].get_base_layer()
-                if not merges_in_place(base):
-                    self._set_side_delta(module, base, delta)
-                    continue
-                weight = cast(torch.Tensor, base.weight)
-                if module not in self._base_weights:
-                    self._base_weights[module] = weight.detach().clone()
-                fan_in_fan_out = bool(getattr(self._lora_layers[module], "fan_in_fan_out", False))
-                weight.copy_(self._base_weights[module]
-                             + transpose(delta.to(weight.device), fan_in_fan_out))
-
-    def _set_side_delta(self, module: str, base: torch.nn.Module, delta: torch.Tensor) -> None:
-        """Keep ``delta`` (m, n) beside ``base``'s weight; an all-zero delta is dropped."""
-        if not bool(delta.any()):
-            self._side_deltas.pop(module, None)
-            return
-        self._side_deltas[module] = delta.detach().to(self.device, torch.float32, copy=True)
-        if module in self._side_hooks:
-            return
-        deltas = self._side_deltas
-
-        def add_delta(_: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor
-                      ) -> torch.Tensor:
-            d = deltas.get(module)
-            if d is None:
-                return out
-            # y = deq(W0) x + delta x: the merged update, in float32 (autocast may lower it)
-            return out + F.linear(args[0].to(d.dtype), d).to(out.dtype)
-
-        self._side_hooks[module] = base.register_forward_hook(add_delta)
+                self._deltas.set(module, self._lora_layers[module], delta, self.device)
 
     def base_delta(self, module: str) -> torch.Tensor | None:
         """The merged update applied beside ``module``'s weight (None: none, or merged into

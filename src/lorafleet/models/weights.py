@@ -1,10 +1,11 @@
-"""The frozen base weights under the adapters: quantized or not, their float32 view, and
-∂L/∂W probes.
+"""The frozen base weights under the adapters: quantized or not, their float32 view, merged
+updates, and ∂L/∂W probes.
 
 bitsandbytes 4-bit and 8-bit weights (QLoRA) have no float gradient and cannot take a merged
-update in place; these helpers say which weights are such and give their dequantized values
-(docs/design.md §12). :class:`WeightProbe` gives ∂L/∂W of a frozen weight for HSplitLoRA's
-importance (docs/design.md §4.3).
+update in place; these helpers say which weights are such and give their dequantized values,
+and :class:`BaseDeltas` merges updates into frozen weights exactly (docs/design.md §12).
+:class:`WeightProbe` gives ∂L/∂W of a frozen weight for HSplitLoRA's importance
+(docs/design.md §4.3).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from peft.utils.other import transpose
 
-__all__ = ["WeightProbe", "is_quantized", "logical_weight", "merges_in_place"]
+__all__ = ["BaseDeltas", "WeightProbe", "is_quantized", "logical_weight", "merges_in_place"]
 
 
 def is_quantized(layer: torch.nn.Module) -> bool:
@@ -101,3 +103,54 @@ class WeightProbe:
             self._shadow = None
         else:
             cast(torch.Tensor, self.layer.weight).grad = None
+
+
+class BaseDeltas:
+    """Merged updates of frozen adapted weights, W = W0 + delta (delta: (m, n)), kept exact.
+
+    A dense float32 weight takes the sum in place (W0 is kept aside once, so each delta is
+    relative to it). Any other weight (quantized, half precision) is not touched: the delta
+    is kept in float32 beside it (:attr:`side`) and a forward hook adds x deltaᵀ to the
+    layer's output.
+    """
+
+    def __init__(self) -> None:
+        self._base_weights: dict[str, torch.Tensor] = {}
+        self.side: dict[str, torch.Tensor] = {}  # module -> (m, n) float32 on the model's device
+        self._side_hooks: dict[str, Any] = {}
+
+    def set(self, module: str, lora_layer: torch.nn.Module, delta: torch.Tensor,
+            device: torch.device) -> None:
+        """Set W = W0 + delta under ``lora_layer`` (a PEFT LoRA layer); call under no_grad."""
+        layer = cast(Any, lora_layer)
+        base = layer.get_base_layer()
+        if not merges_in_place(base):
+            self._set_side_delta(module, base, delta, device)
+            return
+        weight = cast(torch.Tensor, base.weight)
+        if module not in self._base_weights:
+            self._base_weights[module] = weight.detach().clone()
+        fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+        weight.copy_(self._base_weights[module]
+                     + transpose(delta.to(weight.device), fan_in_fan_out))
+
+    def _set_side_delta(self, module: str, base: torch.nn.Module, delta: torch.Tensor,
+                        device: torch.device) -> None:
+        """Keep ``delta`` (m, n) beside ``base``'s weight; an all-zero delta is dropped."""
+        if not bool(delta.any()):
+            self.side.pop(module, None)
+            return
+        self.side[module] = delta.detach().to(device, torch.float32, copy=True)
+        if module in self._side_hooks:
+            return
+        deltas = self.side
+
+        def add_delta(_: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor
+                      ) -> torch.Tensor:
+            d = deltas.get(module)
+            if d is None:
+                return out
+            # y = deq(W0) x + delta x: the merged update, in float32 (autocast may lower it)
+            return out + F.linear(args[0].to(d.dtype), d).to(out.dtype)
+
+        self._side_hooks[module] = base.register_forward_hook(add_delta)
