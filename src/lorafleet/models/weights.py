@@ -10,11 +10,14 @@ and :class:`BaseDeltas` merges updates into frozen weights exactly (docs/design.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from peft.utils.other import transpose
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 __all__ = ["BaseDeltas", "WeightProbe", "is_quantized", "logical_weight", "merges_in_place"]
 
@@ -119,18 +122,17 @@ class BaseDeltas:
         self.side: dict[str, torch.Tensor] = {}  # module -> (m, n) float32 on the model's device
         self._side_hooks: dict[str, Any] = {}
 
-    def set(self, module: str, lora_layer: torch.nn.Module, delta: torch.Tensor,
+    def set(self, module: str, lora_layer: LoraLayer, delta: torch.Tensor,
             device: torch.device) -> None:
         """Set W = W0 + delta under ``lora_layer`` (a PEFT LoRA layer); call under no_grad."""
-        layer = cast(Any, lora_layer)
-        base = layer.get_base_layer()
+        base = lora_layer.get_base_layer()
         if not merges_in_place(base):
             self._set_side_delta(module, base, delta, device)
             return
         weight = cast(torch.Tensor, base.weight)
         if module not in self._base_weights:
             self._base_weights[module] = weight.detach().clone()
-        fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+        fan_in_fan_out = bool(getattr(lora_layer, "fan_in_fan_out", False))
         weight.copy_(self._base_weights[module]
                      + transpose(delta.to(weight.device), fan_in_fan_out))
 
