@@ -1,4 +1,4 @@
-"""The base of every config section (``config.py``'s and the algorithms' own options).
+"""The base of every config section (:mod:`lorafleet.config`'s and the algorithms' own options).
 
 A section forbids unknown keys, validates assignments, takes finite numbers only and refuses
 booleans where a number is expected. It lives apart from :mod:`lorafleet.config` so that an

@@ -25,20 +25,16 @@ float32 model holding deq(W0) + delta + s B A.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
-from peft.utils.other import transpose
 
 from lorafleet.algorithms.base import (
     AdapterSpec,
@@ -48,118 +44,27 @@ from lorafleet.algorithms.base import (
     lora_key,
     split_key,
 )
-from lorafleet.hardware import autocast, grad_scaler, to_cpu
+from lorafleet.hardware import to_cpu
+from lorafleet.models.export import full_precision_merged_copy, merged_copy
 
-__all__ = ["AdaptedModel", "LossFn", "LossWeight", "PeftClientTrainer", "WeightProbe",
-           "is_quantized", "micro_batches", "split_lora", "training_mode"]
+# Re-exported: these lived here before models/training.py and models/weights.py held them.
+from lorafleet.models.training import (
+    LossFn,
+    LossWeight,
+    PeftClientTrainer,
+    accumulate,
+    micro_batches,
+    train_steps,
+    training_mode,
+)
+from lorafleet.models.weights import BaseDeltas, WeightProbe, is_quantized
+
+__all__ = ["GLOBAL_ADAPTER", "AdaptedModel", "LossFn", "LossWeight",
+           "PeftClientTrainer", "WeightProbe", "accumulate", "is_quantized", "micro_batches",
+           "split_lora", "training_mode"]
 
 GLOBAL_ADAPTER = "default"  # PEFT saves the "default" adapter at the top of the directory
 MAX_ADAPTERS = 16  # rank layouts kept at once (split planners give each client its own)
-
-LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
-LossWeight = Callable[[Batch], float]  # what a batch's mean loss averages over (task.loss_weight)
-
-
-def is_quantized(layer: torch.nn.Module) -> bool:
-    """Whether ``layer``'s weight is a bitsandbytes 4-bit or 8-bit parameter."""
-    return type(getattr(layer, "weight", None)).__name__ in ("Params4bit", "Int8Params")
-
-
-def _merges_in_place(layer: torch.nn.Module) -> bool:
-    """W0 + delta fits the layer's own weight exactly: a dense float32 weight."""
-    weight = getattr(layer, "weight", None)
-    return (isinstance(weight, torch.Tensor) and not is_quantized(layer)
-            and weight.dtype == torch.float32)
-
-
-def _logical_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The layer's weight as float32 in its stored layout (dequantized if quantized)."""
-    from peft.utils.integrations import dequantize_module_weight
-
-    if is_quantized(layer):
-        return dequantize_module_weight(layer).detach().float()
-    return cast(torch.Tensor, layer.weight).detach().float()
-
-
-def micro_batches(batch: Batch, parts: int) -> list[Batch]:
-    """Cut a right-padded batch into ``parts`` micro-batches of consecutive rows (fewer if
-    it has fewer rows), each trimmed to its own longest sequence.
-
-    ``input_ids``/``attention_mask``/token ``labels``: (B, T) -> (b_j, T_j); class
-    ``labels``: (B,) -> (b_j,). Right padding only: the columns cut held padding alone.
-    """
-    rows = int(batch["input_ids"].shape[0])
-    out: list[Batch] = []
-    for index in torch.arange(rows).tensor_split(min(parts, rows)):
-        lo, hi = int(index[0]), int(index[-1]) + 1
-        width = int(batch["attention_mask"][lo:hi].sum(dim=1).max())
-        out.append({k: v[lo:hi, :width] if v.ndim == 2 else v[lo:hi] for k, v in batch.items()})
-    return out
-
-
-class WeightProbe:
-    """∂L/∂W of one frozen adapted weight W (m, n), on the steps it is switched on.
-
-    A float weight simply gets ``requires_grad`` (as before devices existed). A quantized
-    weight has no float gradient, so a zero float32 shadow Z (m, n) is added to the layer's
-    output, x Zᵀ: ∂L/∂Z at Z = 0 is ∂L/∂W exactly, and the forward is unchanged.
-    """
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        self.layer = layer
-        self.quantized = is_quantized(layer)
-        self._shadow: torch.Tensor | None = None
-        self._hook: Any = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """W as a float tensor (dequantized for a quantized weight)."""
-        if self.quantized:
-            return _logical_weight(self.layer)
-        return cast(torch.Tensor, self.layer.weight)
-
-    @property
-    def active(self) -> bool:
-        """Whether the coming backward passes compute ∂L/∂W."""
-        if self.quantized:
-            return self._hook is not None
-        return bool(cast(torch.Tensor, self.layer.weight).requires_grad)
-
-    @property
-    def grad(self) -> torch.Tensor | None:
-        """∂L/∂W of the last probed backward (None if none)."""
-        if self.quantized:
-            return None if self._shadow is None else self._shadow.grad
-        return cast(torch.Tensor, self.layer.weight).grad
-
-    def switch(self, on: bool) -> None:
-        """Compute ∂L/∂W in the coming backward passes (or stop)."""
-        if not self.quantized:
-            cast(torch.Tensor, self.layer.weight).requires_grad_(on)
-            return
-        if on and self._hook is None:
-            layer = cast(Any, self.layer)
-            m, n = int(layer.out_features), int(layer.in_features)
-            device = layer.weight.device
-            self._shadow = torch.zeros(m, n, device=device, requires_grad=True)
-            shadow = self._shadow
-
-            def add_shadow(_: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor
-                           ) -> torch.Tensor:
-                return out + F.linear(args[0].to(shadow.dtype), shadow).to(out.dtype)
-
-            self._hook = self.layer.register_forward_hook(add_shadow)
-        elif not on and self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def clear(self) -> None:
-        """Forget the gradient (and the shadow)."""
-        if self.quantized:
-            self.switch(False)
-            self._shadow = None
-        else:
-            cast(torch.Tensor, self.layer.weight).grad = None
 
 
 class AdaptedModel:
@@ -234,11 +139,10 @@ class AdaptedModel:
                 self._heads[name] = module
         if not self._lora_layers:
             raise ValueError(f"no module matched lora.target_modules={target_modules}")
-        self._base_weights: dict[str, torch.Tensor] = {}
+        self._deltas = BaseDeltas()  # merged updates (set_base_delta)
         # Merged deltas of weights that cannot hold them (quantized, half precision), applied
         # beside them by a forward hook: module -> (m, n) float32 on the model's device.
-        self._side_deltas: dict[str, torch.Tensor] = {}
-        self._side_hooks: dict[str, Any] = {}
+        self._side_deltas = self._deltas.side
         self.spec = AdapterSpec(
             modules={n: self._shape(layer) for n, layer in self._lora_layers.items()},
             dense={k: tuple(v.shape) for k, v in self._dense_params(GLOBAL_ADAPTER).items()},
@@ -397,36 +301,7 @@ class AdaptedModel:
         """
         with torch.no_grad():
             for module, delta in deltas.items():
-                base = self._lora_layers[module].get_base_layer()
-                if not _merges_in_place(base):
-                    self._set_side_delta(module, base, delta)
-                    continue
-                weight = cast(torch.Tensor, base.weight)
-                if module not in self._base_weights:
-                    self._base_weights[module] = weight.detach().clone()
-                fan_in_fan_out = bool(getattr(self._lora_layers[module], "fan_in_fan_out", False))
-                weight.copy_(self._base_weights[module]
-                             + transpose(delta.to(weight.device), fan_in_fan_out))
-
-    def _set_side_delta(self, module: str, base: torch.nn.Module, delta: torch.Tensor) -> None:
-        """Keep ``delta`` (m, n) beside ``base``'s weight; an all-zero delta is dropped."""
-        if not bool(delta.any()):
-            self._side_deltas.pop(module, None)
-            return
-        self._side_deltas[module] = delta.detach().to(self.device, torch.float32, copy=True)
-        if module in self._side_hooks:
-            return
-        deltas = self._side_deltas
-
-        def add_delta(_: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor
-                      ) -> torch.Tensor:
-            d = deltas.get(module)
-            if d is None:
-                return out
-            # y = deq(W0) x + delta x: the merged update, in float32 (autocast may lower it)
-            return out + F.linear(args[0].to(d.dtype), d).to(out.dtype)
-
-        self._side_hooks[module] = base.register_forward_hook(add_delta)
+                self._deltas.set(module, self._lora_layers[module], delta, self.device)
 
     def base_delta(self, module: str) -> torch.Tensor | None:
         """The merged update applied beside ``module``'s weight (None: none, or merged into
@@ -476,9 +351,9 @@ class AdaptedModel:
         self.activate(GLOBAL_ADAPTER)
         if self.quantized or self._side_deltas or any(
                 p.dtype != torch.float32 for p in self.peft.parameters()):
-            merged = _full_precision_merged_copy(self.peft, self._side_deltas)
+            merged = full_precision_merged_copy(self.peft, self._side_deltas, GLOBAL_ADAPTER)
         else:
-            merged = _merged_copy(self.peft)
+            merged = merged_copy(self.peft, GLOBAL_ADAPTER)
         merged.save_pretrained(str(directory))  # type: ignore[operator]
 
     # ----------------------------------------------------------------- training
@@ -509,154 +384,10 @@ class AdaptedModel:
         self.activate(adapter)
         params_by_key = self._params(adapter)
         params = [params_by_key[k] for k in keys]
-        for p in self.peft.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        opt: torch.optim.Optimizer
-        if optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        losses: list[float] = []
-        device = self.device
-        scaler = grad_scaler(device, precision)
-        with training_mode(self.peft):
-            for step, batch in enumerate(batches):
-                if grad_accum_steps == 1 and scaler is None:
-                    with autocast(device, precision):
-                        loss = loss_fn(self.peft, batch)
-                    loss.backward()
-                    value = float(loss.detach())
-                else:
-                    value = accumulate(lambda mb: loss_fn(self.peft, mb), batch,
-                                       grad_accum_steps, loss_weight, device, precision, scaler)
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                if grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(value)
-                if on_step is not None:
-                    on_step(step, losses[-1])
-        for p in params:
-            p.requires_grad_(False)
-        return {"loss": sum(losses) / max(len(losses), 1), "steps": float(len(losses))}
-
-
-def accumulate(forward: Callable[[Batch], torch.Tensor], batch: Batch, parts: int,
-               loss_weight: LossWeight | None, device: torch.device, precision: str,
-               scaler: torch.amp.GradScaler | None = None) -> float:
-    """Backpropagate ``batch``'s loss in ``parts`` micro-batches; returns the batch's loss.
-
-    L = Σ_j (w_j / Σ_k w_k) · L_j with L_j the mean loss of micro-batch j and w_j what it
-    averages over (``loss_weight``; default its rows). For a per-example mean (classification)
-    or a per-token mean (causal tasks, w = scored tokens) L is exactly the whole batch's mean
-    loss, so the gradients add up to the single-batch gradient (up to float rounding).
-    """
-    chunks = micro_batches(batch, parts)
-    weights = [float(loss_weight(mb)) if loss_weight is not None else
-               float(mb["input_ids"].shape[0]) for mb in chunks]
-    total = sum(weights)
-    value = 0.0
-    for chunk, w in zip(chunks, weights, strict=True):
-        share = w / total if total > 0 else 1.0 / len(chunks)
-        with autocast(device, precision):
-            loss = forward(chunk) * share
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        value += float(loss.detach())
-    return value
-
-
-@contextlib.contextmanager
-def training_mode(model: torch.nn.Module) -> Iterator[None]:
-    """``model.train()`` inside the block, the previous mode restored after it."""
-    was_training = model.training
-    model.train()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _merged_copy(peft_model: PeftModel) -> torch.nn.Module:
-    """A deep copy of the base with the active adapter merged (the live model is untouched)."""
-    import copy
-
-    clone = copy.deepcopy(peft_model)
-    for name in list(clone.peft_config):
-        if name != GLOBAL_ADAPTER:
-            clone.delete_adapter(name)
-    return clone.merge_and_unload()
-
-
-def _set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def _dense_copy(layer: torch.nn.Module, weight: torch.Tensor) -> torch.nn.Module:
-    """A float32 ``nn.Linear`` (or GPT-2 ``Conv1D``) with ``layer``'s shape, bias and the
-    given weight (stored layout)."""
-    from transformers.pytorch_utils import Conv1D
-
-    bias = getattr(layer, "bias", None)
-    out: torch.nn.Module
-    if isinstance(layer, Conv1D):
-        out = Conv1D(int(weight.shape[1]), int(weight.shape[0]))
-    else:
-        out = torch.nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=bias is not None,
-                              device="meta")
-    out.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
-    if bias is not None:
-        out.bias = torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-    return out
-
-
-def _full_precision_merged_copy(peft_model: PeftModel, side_deltas: Mapping[str, torch.Tensor]
-                                ) -> torch.nn.Module:
-    """A float32 copy of the base with the active adapter and the side deltas merged:
-    W = deq(W0) + delta + s B A (stored layout), every other quantized weight dequantized,
-    the quantization config dropped, so ``from_pretrained`` loads it as a plain model."""
-    clone = copy.deepcopy(peft_model)
-    for name in list(clone.peft_config):
-        if name != GLOBAL_ADAPTER:
-            clone.delete_adapter(name)
-    inner = cast(torch.nn.Module, clone.base_model.model)
-    with torch.no_grad():
-        for name, module in list(inner.named_modules()):
-            if isinstance(module, LoraLayer):
-                base = module.get_base_layer()
-                fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
-                weight = _logical_weight(base)
-                if name in side_deltas:
-                    weight = weight + transpose(side_deltas[name].float(), fan_in_fan_out)
-                weight = weight + cast(Any, module).get_delta_weight(GLOBAL_ADAPTER).float()
-                _set_module(inner, name, _dense_copy(base, weight))
-        for name, module in list(inner.named_modules()):
-            if isinstance(module, ModulesToSaveWrapper):
-                _set_module(inner, name, module.modules_to_save[GLOBAL_ADAPTER])
-            elif is_quantized(module):
-                _set_module(inner, name, _dense_copy(module, _logical_weight(module)))
-    # transformers refuses .float() on a model loaded quantized; every quantized module is
-    # gone by now, so torch's own cast is right
-    torch.nn.Module.float(inner)
-    config = cast(Any, inner).config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(inner, attr):
-            setattr(inner, attr, None)
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-        if hasattr(inner, attr):
-            setattr(inner, attr, False)
-    config.dtype = torch.float32
-    return inner
+        return train_steps(self.peft, params, batches, loss_fn, device=self.device, lr=lr,
+                           optimizer=optimizer, weight_decay=weight_decay, grad_clip=grad_clip,
+                           on_step=on_step, precision=precision,
+                           grad_accum_steps=grad_accum_steps, loss_weight=loss_weight)
 
 
 def split_lora(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]],
@@ -671,70 +402,3 @@ def split_lora(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str,
         else:
             lora.setdefault(module, {})[which] = value
     return lora, dense
-
-
-class PeftClientTrainer:
-    """The :class:`~lorafleet.algorithms.base.ClientTrainer` backed by an :class:`AdaptedModel`.
-
-    Args:
-        model: the shared adapted model.
-        loss_fn: ``loss_fn(model, batch) -> scalar`` (the task's loss).
-        lr, optimizer, weight_decay, grad_clip: client optimizer settings.
-        on_step: called as ``on_step(step, loss)`` after every local step (progress bars).
-        precision, grad_accum_steps, loss_weight: see :meth:`AdaptedModel.train`.
-        frozen: payload tensors loaded into the adapter but not trained (FFA-LoRA's A; a
-            payload names them in ``config["frozen"]``); read back unchanged.
-    """
-
-    def __init__(
-        self,
-        model: AdaptedModel,
-        loss_fn: LossFn,
-        *,
-        lr: float,
-        optimizer: str = "adamw",
-        weight_decay: float = 0.0,
-        grad_clip: float | None = None,
-        on_step: Callable[[int, float], None] | None = None,
-        precision: str = "fp32",
-        grad_accum_steps: int = 1,
-        loss_weight: LossWeight | None = None,
-        frozen: Iterable[str] = (),
-    ) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.lr = lr
-        self.optimizer = optimizer
-        self.weight_decay = weight_decay
-        self.grad_clip = grad_clip
-        self.on_step = on_step
-        self.precision = precision
-        self.grad_accum_steps = grad_accum_steps
-        self.loss_weight = loss_weight
-        self.frozen = frozenset(frozen)
-
-    def train(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        ranks: Mapping[str, int],
-        scaling: Mapping[str, float],
-        batches: Iterable[Batch],
-    ) -> tuple[Tensors, dict[str, float]]:
-        """Load the payload into the adapter of ``ranks``, train it, read it back."""
-        adapter = self.model.adapter_for(ranks)
-        self.model.load(adapter, tensors, scaling)
-        metrics = self.model.train(
-            adapter,
-            batches,
-            self.loss_fn,
-            keys=[k for k in tensors if k not in self.frozen],
-            lr=self.lr,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            on_step=self.on_step,
-            precision=self.precision,
-            grad_accum_steps=self.grad_accum_steps,
-            loss_weight=self.loss_weight,
-        )
-        return self.model.read(adapter, tensors.keys()), metrics

@@ -1,52 +1,34 @@
-"""One typed config tree: the only place defaults live.
+"""The sections of the experiment config: one pydantic model per YAML section, each field
+with its default and its help text (the only place defaults live).
 
-Every experiment is one YAML file validated here; the CLI only overrides fields
-(``--set train.lr=3e-4``). Each field documents itself once in its ``description``.
+:class:`~lorafleet.config.tree.ExperimentConfig` holds them: ``model``, ``data``, ``task``,
+``partition``, ``lora``, ``fleet`` (with its ``sketch`` and device ``profiles``), ``train``,
+``split`` and ``robust``; where the clients run (``client_resources``, ``ray``) is in
+:mod:`~lorafleet.config.resources`. A method's own section (``hetlora:``, ``hsplitlora:``,
+...) is declared in its file under ``algorithms/``.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import types
-from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
-from lorafleet.algorithms import algorithm_class, option_sections
-from lorafleet.algorithms.hetlora import HetLoRAOptions as HetLoRASettings
-from lorafleet.algorithms.hsplitlora import HSplitLoRAOptions as HSplitLoRASettings
-from lorafleet.errors import ConfigError
 from lorafleet.section import Section as _Section
 
 __all__ = [
-    "ClientResources",
     "DataConfig",
     "DeviceProfile",
-    "ExperimentConfig",
     "FleetConfig",
-    "HSplitLoRASettings",
-    "HetLoRASettings",
     "LoraSettings",
     "ModelConfig",
     "PartitionConfig",
-    "RaySettings",
     "RobustSettings",
     "SketchConfig",
     "SplitSettings",
     "TaskConfig",
     "TrainConfig",
-    "apply_overrides",
-    "load_config",
-    "read_config_file",
 ]
 
 
@@ -371,304 +353,3 @@ class RobustSettings(_Section):
         description="trimmed-mean: fraction of the clients dropped at each end, per "
         "coordinate (at least one each side once there are 3 clients).",
     )
-
-
-class ClientResources(_Section):
-    num_cpus: float = Field(
-        1.0, gt=0, description="CPUs per client; clients training at once = CPUs / this."
-    )
-    num_gpus: float = Field(
-        0.0, ge=0, description="GPUs per client (a fraction shares one GPU between clients); "
-        "a client with a GPU share trains on it, unless device is cpu."
-    )
-
-
-class RaySettings(_Section):
-    address: str | None = Field(
-        None, description="runtime ray: a Ray cluster to join (`ray.init(address=...)`, e.g. "
-        "'auto' or 'HEAD:6379'); null starts a local Ray instance.",
-    )
-    device_num_cpus: float | list[float] = Field(
-        0.0, description="CPUs each device actor reserves: one number for every device, or a "
-        "list with one number per client (heterogeneous devices). 0 reserves none (fits any "
-        "machine); from 1 CPU up, the actor's torch also uses that many threads (unless "
-        "`threads` is set).",
-    )
-    device_num_gpus: float | list[float] = Field(
-        0.0, description="GPUs (fractions allowed) each device actor reserves: one number, or "
-        "a list with one per client. An actor that reserved a GPU computes on it (unless "
-        "device is cpu), one without on the CPU.",
-    )
-    device_custom_resources: dict[str, float] | list[dict[str, float]] = Field(
-        default_factory=dict, description="Ray custom resources each device actor reserves: "
-        "one mapping, or a list with one per client. Pins a client to the machine that "
-        "advertises the resource (`ray start --resources '{\"phone-0\": 1}'` there and "
-        "`[{phone-0: 1}, ...]` here).",
-    )
-    server_num_cpus: float = Field(0.0, ge=0, description="CPUs each main-server actor reserves.")
-    server_num_gpus: float = Field(0.0, ge=0, description="GPUs each main-server actor reserves "
-                                   "(and computes on, unless device is cpu).")
-    server_replicas: int = Field(
-        1, ge=1, description="Main-server actors. Up to this many clients of a round train at "
-        "the same time, each with its own device actor and a free server replica; every "
-        "replica holds a copy of the model. Results do not depend on it.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> RaySettings:
-        for name in ("device_num_cpus", "device_num_gpus"):
-            value = getattr(self, name)
-            if any(v < 0 for v in (value if isinstance(value, list) else [value])):
-                raise ValueError(f"{name} must be >= 0 (a number, or one per client)")
-        custom = self.device_custom_resources
-        for one in custom if isinstance(custom, list) else [custom]:
-            if any(v < 0 for v in one.values()) or {"CPU", "GPU"} & set(one):
-                raise ValueError("device_custom_resources: amounts must be >= 0 and CPU/GPU "
-                                 "go in device_num_cpus/gpus")
-        return self
-
-    def device_resources(self, client: int) -> tuple[float, float]:
-        """(CPUs, GPUs) the device actor of ``client`` reserves."""
-        cpus, gpus = self.device_num_cpus, self.device_num_gpus
-        return (cpus[client] if isinstance(cpus, list) else cpus,
-                gpus[client] if isinstance(gpus, list) else gpus)
-
-    def device_custom(self, client: int) -> dict[str, float]:
-        """The Ray custom resources the device actor of ``client`` reserves."""
-        custom = self.device_custom_resources
-        return dict(custom[client] if isinstance(custom, list) else custom)
-
-
-class ExperimentConfig(_Section):
-    name: str = Field("demo", description="A label for the run (default run dir runs/<name>).")
-    algorithm: str = Field(
-        "fslora", description="Federated algorithm (see `lorafleet algorithms`)."
-    )
-    rounds: int = Field(10, gt=0, description="Communication rounds.")
-    seed: int = Field(0, ge=0, description="One seed fixes data split, sketches and training.")
-    num_clients: int = Field(10, gt=0, description="Clients in the fleet.")
-    runtime: Literal["local", "flower-sim", "ray"] = Field(
-        "local",
-        description="Where the run executes: local (this process, one shared base model, "
-        "clients one after another), flower-sim (Flower's Simulation Engine on Ray: a "
-        "ServerApp in this process, one ClientApp per client on Ray actors with "
-        "`client_resources`; federated algorithms only, same seed gives the same adapter) or "
-        "ray (split algorithms only: one Ray actor per device and a main-server actor, "
-        "activations through Ray's object store; `ray.address` joins a cluster).",
-    )
-    client_resources: ClientResources = Field(
-        default_factory=ClientResources,
-        description="flower-sim: the Ray resources each simulated client claims.",
-    )
-    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's).")
-    device: str = Field(
-        "auto",
-        description="Where the model computes: auto (CUDA if available, else MPS, else CPU), "
-        "cpu, cuda, cuda:N or mps. Payloads, updates, checkpoints and the byte ledger stay "
-        "CPU float32 whatever it is, so a run may resume on another device.",
-    )
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    fleet: FleetConfig = Field(default_factory=FleetConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    split: SplitSettings = Field(default_factory=SplitSettings)
-    # One section per method that declares options (hetlora:, hsplitlora:, ...), from the
-    # method's own file: its `Options` model is the section (algorithms/registry.py).
-    for _section, _options in option_sections().items():
-        __annotations__[_section] = _options
-        locals()[_section] = Field(default_factory=_options,
-                                   description=(_options.__doc__ or "").strip())
-    del _section, _options
-    ray: RaySettings = Field(default_factory=RaySettings)
-    robust: RobustSettings = Field(default_factory=RobustSettings)
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", value):
-            raise ValueError(f"{value!r} is not a device (allowed: auto, cpu, cuda, cuda:N, mps)")
-        return value
-
-    @model_validator(mode="after")
-    def _cross_check(self) -> ExperimentConfig:
-        r = self.lora.rank
-        sk = self.fleet.sketch
-        if sk.k_max is not None and sk.k_max > r:
-            raise ValueError(f"fleet.sketch.k_max: {sk.k_max} exceeds lora.rank={r} "
-                             f"(allowed: 1..{r})")
-        if sk.k_min is not None and sk.k_min > r:
-            raise ValueError(f"fleet.sketch.k_min: {sk.k_min} exceeds lora.rank={r} "
-                             f"(allowed: 1..{r})")
-        if sk.ranks is not None and max(sk.ranks) > r:
-            raise ValueError(
-                f"fleet.sketch.ranks: sketch size {max(sk.ranks)} exceeds lora.rank={r} "
-                f"(allowed: 1..{r})"
-            )
-        for name in ("device_num_cpus", "device_num_gpus", "device_custom_resources"):
-            value = getattr(self.ray, name)
-            if isinstance(value, list) and len(value) != self.num_clients:
-                raise ValueError(f"ray.{name}: {len(value)} values for {self.num_clients} "
-                                 f"clients (allowed: one number, or a list of num_clients="
-                                 f"{self.num_clients} numbers)")
-        return self
-
-    def algorithm_options(self) -> _Section:
-        """The options of ``algorithm`` (its config section; empty if it declares none)."""
-        cls = algorithm_class(self.algorithm)
-        section = cls.options_section
-        return cls.Options() if section is None else getattr(self, section)
-
-    def to_yaml(self) -> str:
-        """The resolved config as YAML (what a run directory stores)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The config section a field holds, looking through ``X | None`` and ``list[X]``."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) in (Union, types.UnionType, list):
-        for arg in get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> ConfigError:
-    """Turn pydantic's first error into one line naming the field and what is allowed."""
-    first = err.errors()[0]
-    loc = [str(x) for x in first["loc"]]
-    field = ".".join(loc)
-    if first["type"] == "extra_forbidden":
-        allowed = _fields_at(model, loc[:-1])
-        return ConfigError(field, f"unknown key (allowed: {', '.join(allowed)})")
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "literal_error":
-        msg = msg.replace("Input should be", "must be one of")
-    if not field:  # a cross-field check: its message names the fields itself
-        field, _, msg = msg.partition(": ") if ": " in msg else ("config", "", msg)
-    return ConfigError(field, msg)
-
-
-def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
-    """The keys allowed at ``path`` (e.g. ``["fleet", "profiles", "0"]``: a device profile's)."""
-    cur: type[BaseModel] | None = model
-    for name in path:
-        if cur is None:
-            return []
-        if name.isdigit():  # a list index: the items are the section the list holds
-            continue
-        info = cur.model_fields.get(name)
-        cur = None if info is None else _model_in(info.annotation)
-    return list(cur.model_fields) if cur is not None else []
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (plain
-    YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if isinstance(key, list | dict):
-                continue  # unhashable: the base class reports it
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice in one mapping",
-                    key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """One line for a YAML error: where (line, column) and what (PyYAML prints five)."""
-    if isinstance(err, yaml.MarkedYAMLError):
-        mark = err.problem_mark or err.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        return f"{where}{err.problem or err.context or 'invalid YAML'}"
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.constructor.ConstructorError:
-        raise
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict."""
-    out = dict(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "an override must look like key=value, e.g. train.lr=3e-4")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(item, "an override must look like key=value, e.g. train.lr=3e-4")
-        try:
-            parsed = _parse_value(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(key.strip(), f"--set value: {_yaml_problem(err)}") from None
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[p] = child
-            node = child
-        node[parts[-1]] = parsed
-    return out
-
-
-def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate a raw dict into an ExperimentConfig, raising a one-line ConfigError."""
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as err:
-        raise _format_validation_error(err, ExperimentConfig) from None
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_config_file(Path(path))
-    return validate_config(apply_overrides(raw, overrides or []))
-
-
-def read_config_file(p: Path) -> dict[str, Any]:
-    """The raw mapping of a YAML config file.
-
-    Raises:
-        ConfigError: no such file, not UTF-8 text, not YAML (with line and column), a key
-            given twice, empty, or not a mapping.
-    """
-    if p.is_dir():
-        raise ConfigError("CONFIG", f"{p} is a directory, not a YAML file")
-    if not p.is_file():
-        raise ConfigError("CONFIG", f"no such file: {p}")
-    data = p.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError("CONFIG", f"{p} is not UTF-8 text (byte 0x{data[err.start]:02x} at "
-                          f"offset {err.start}); save it as UTF-8") from None
-    try:
-        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError("CONFIG", f"{p} is not valid YAML: {_yaml_problem(err)}") from None
-    if loaded is None:
-        # An empty file is a mistake more often than a wish for the demo: say so.
-        raise ConfigError("CONFIG", f"{p} is empty; give a config (see configs/), or omit "
-                          "CONFIG to run the default demo")
-    if not isinstance(loaded, dict):
-        raise ConfigError("CONFIG", f"{p} must hold a mapping of config sections, not a "
-                          f"{type(loaded).__name__}")
-    return loaded
