@@ -1,4 +1,5 @@
-"""The server side of a federated run and the client step, shared by every runtime.
+"""The server side of a federated run, shared by every runtime (the client step, re-exported
+here for older imports, lives in :mod:`lorafleet.runtimes.client_step`).
 
 A runtime opens a :class:`FederatedSession` (build the experiment, start or resume the run
 directory, evaluate the initial model), and then per round:
@@ -22,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lorafleet.algorithms.base import Batch, ClientInfo, ClientResult, Payload, ServerState
+from lorafleet.algorithms.base import ClientInfo, ClientResult, Payload, ServerState
 from lorafleet.checkpoint import load_checkpoint, save_checkpoint
 from lorafleet.config import ExperimentConfig
 from lorafleet.data.partition import render_partition_table
@@ -39,15 +40,18 @@ from lorafleet.experiment import (
     Experiment,
     build_experiment,
     check_config,
-    client_batches,
     derive_seed,
     sample_clients,
 )
-from lorafleet.hardware import PeakMemory, release_memory
+from lorafleet.hardware import PeakMemory
 from lorafleet.metrics import CommLedger, SimulatedClock, tensor_bytes, train_flops
-from lorafleet.models.adapters import PeftClientTrainer
-from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
+from lorafleet.runtimes.client_step import (
+    CLIENT_ERRORS,
+    failure_reason,
+    make_trainer,
+    train_client,
+)
 from lorafleet.runtimes.personal import evaluate_personal
 from lorafleet.runtimes.trace import trace
 from lorafleet.runtimes.validation import (
@@ -79,11 +83,6 @@ BYTES_PER_VALUE = 4  # float32 on the wire
 # Config fields a resumed run may change: none of them changes what the rounds compute.
 RESUME_MAY_CHANGE = ("rounds", "runtime", "client_resources", "device")
 
-# What a failing client raises (out of memory, a bad batch, a missing file): the client is
-# dropped from the round and the others aggregate.
-CLIENT_ERRORS: tuple[type[Exception], ...] = (RuntimeError, ValueError, KeyError, OSError)
-
-
 @dataclass
 class RunResult:
     """What a finished run reports back to the caller (also in summary.json)."""
@@ -112,87 +111,6 @@ def _loss_of(result: ClientResult) -> float:
     loss = metrics.get("loss", math.nan)
     return float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) \
         else math.nan
-
-
-def failure_reason(err: BaseException) -> str:
-    """The one-line reason a failed client is dropped with."""
-    return f"client failed: {type(err).__name__}: {err}".splitlines()[0]
-
-
-# ----------------------------------------------------------------------------- client side
-def make_trainer(exp: Experiment, payload: Payload,
-                 on_step: Callable[[int, float], None] | None = None
-                 ) -> PeftClientTrainer | SplitClientTrainer:
-    """The trainer a client of ``exp`` trains ``payload`` with (split or PEFT)."""
-    tc = exp.cfg.train
-    if exp.algorithm.split_learning:
-        return SplitClientTrainer(
-            exp.model, exp.task.loss, split_point=int(payload.config["split_point"]),
-            labels=exp.cfg.split.labels,
-            probe_importance=bool(payload.config.get("probe_importance", False)),
-            lr=tc.lr, optimizer=tc.optimizer, weight_decay=tc.weight_decay,
-            grad_clip=tc.grad_clip, on_step=on_step, precision=tc.precision,
-            grad_accum_steps=tc.grad_accum_steps, loss_weight=exp.task.loss_weight,
-        )
-    return PeftClientTrainer(
-        exp.model, exp.task.loss, lr=tc.lr, optimizer=tc.optimizer,
-        weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, on_step=on_step,
-        precision=tc.precision, grad_accum_steps=tc.grad_accum_steps,
-        loss_weight=exp.task.loss_weight, frozen=payload.config.get("frozen", ()),
-    )
-
-
-def _counted(batches: Iterator[Batch], counter: list[int]) -> Iterator[Batch]:
-    for batch in batches:
-        counter[0] += int(batch["attention_mask"].sum())
-        yield batch
-
-
-def train_client(
-    exp: Experiment,
-    trainer: PeftClientTrainer | SplitClientTrainer,
-    payload: Payload,
-    client: int,
-    round: int,
-) -> tuple[ClientResult, int]:
-    """Client ``client``'s local training in ``round``, wherever it runs.
-
-    Its batches and the torch seed are pure functions of (seed, round, client), so the
-    result does not depend on the process or on which clients trained before. Its metrics
-    get ``peak_memory_bytes``, the peak memory of its training (:class:`PeakMemory`; the
-    largest of what the split actors report, if more), and the device's cached memory is
-    released after it (GPUs only: :func:`release_memory`).
-
-    Returns:
-        The algorithm's client result (``num_examples`` set) and the tokens trained on.
-
-    Raises:
-        One of :data:`CLIENT_ERRORS` when training fails.
-    """
-    cfg = exp.cfg
-    tokens = [0]
-    batches = _counted(client_batches(
-        exp.task, exp.train_items, exp.parts[client], batch_size=cfg.train.batch_size,
-        steps=exp.steps_per_round, seed=derive_seed(cfg.seed, "batches", round, client),
-    ), tokens)
-    torch.manual_seed(derive_seed(cfg.seed, "train", round, client))
-    peak = PeakMemory(exp.device)
-    peak.reset()
-    t0 = time.perf_counter()
-    algo = exp.algorithm
-    if algo.keeps_client_state:  # the client's own tensors from its last round
-        local = (exp.client_state.get(client) if client in exp.client_state
-                 else algo.initial_client_state(exp.clients[client]))
-        result = algo.client_update(trainer, payload, batches, local=local)
-        exp.client_state.put(client, result.local)  # kept here, never shipped
-    else:
-        result = algo.client_update(trainer, payload, batches)
-    trace("train_client", round=round, client=client, seconds=time.perf_counter() - t0)
-    result.num_examples = exp.clients[client].num_examples
-    result.metrics["peak_memory_bytes"] = float(max(
-        peak.read(), result.metrics.get("peak_memory_bytes", 0.0)))
-    release_memory(exp.device)
-    return result, tokens[0]
 
 
 # ----------------------------------------------------------------------------- server side
