@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ class FederatedSession:
     def __init__(self, exp: Experiment, run: RunDir, state: ServerState, *, start: int,
                  ledger: CommLedger, clock: SimulatedClock, rows: list[dict[str, Any]],
                  wall_before: float, t_start: float,
-                 norm_history: list[list[float]] | None = None) -> None:
+                 norm_history: list[list[float]] | None = None, run_token: str = "") -> None:
         self.exp = exp
         self.run = run
         self.state = state
@@ -170,6 +171,14 @@ class FederatedSession:
         # RMS values of the updates accepted in the last rounds (robust.norm_window), one
         # list per round: the norm bound's memory, checkpointed so a resume judges alike.
         self.norm_history = norm_history or []
+        # Names this run to nodes that keep client state (new per run, checkpointed): what
+        # a node kept for another run, or for an earlier run in this directory, is not read.
+        self.run_token = run_token or uuid.uuid4().hex
+        # Who keeps the clients' state (keeps_client_state): "server" (this process's
+        # exp.client_state, checkpointed with the server state; the local runtime) or
+        # "nodes" (Flower: each node its own); a resumed run must keep it where it was.
+        self.kept_by = "server"
+        self._resumed_kept_by: str | None = None
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -234,6 +243,7 @@ class FederatedSession:
             clock.load_state_dict(ckpt.extra["clock"])
             wall_before = float(ckpt.extra["wall_seconds"])
             norm_history = [[float(x) for x in r] for r in ckpt.extra.get("update_rms", [])]
+            run_token = str(ckpt.extra.get("run_token", ""))
             exp.client_state.load_flat(ckpt.client_state)
             rows = run.truncate_metrics(ckpt.round)
             if progress:
@@ -243,11 +253,15 @@ class FederatedSession:
             start = 1
             wall_before = 0.0
             norm_history = []
+            run_token = ""
             rows = []
         if algo.merges_into_base:
             exp.model.set_base_delta(algo.global_adapter(state).base_delta)
         session = cls(exp, run, state, start=start, ledger=ledger, clock=clock, rows=rows,
-                      wall_before=wall_before, t_start=t_start, norm_history=norm_history)
+                      wall_before=wall_before, t_start=t_start, norm_history=norm_history,
+                      run_token=run_token)
+        if ckpt is not None and algo.keeps_client_state:
+            session._resumed_kept_by = str(ckpt.extra.get("kept_by", "server"))
         if start == 1:
             metric = exp.task.metric
             base_eval = evaluate_global(exp, state)
@@ -265,6 +279,22 @@ class FederatedSession:
                 console.print(f"round 0 (initial model): {metric} {base_eval[metric]:.4f}")
         trace("session_open", start=start, seconds=session.wall())
         return session
+
+    def keep_client_state_on(self, where: str) -> None:
+        """Say who keeps the clients' state in this run: "server" or "nodes".
+
+        Raises:
+            LorafleetError: a resumed run whose clients' state was kept elsewhere (a run of
+                a method that keeps client state resumes on the runtime it started on).
+        """
+        resumed = self._resumed_kept_by
+        if resumed is not None and resumed != where:
+            had = "the server's checkpoint (the local runtime)" if resumed == "server" \
+                else "the Flower nodes"
+            raise LorafleetError(
+                f"{self.cfg.algorithm} kept its clients' state in {had}; resume this run on "
+                f"{'runtime local' if resumed == 'server' else 'Flower'}, where it is")
+        self.kept_by = where
 
     def wall(self) -> float:
         """Wall seconds of the run so far (earlier sessions of a resumed run included)."""
@@ -404,9 +434,15 @@ class FederatedSession:
         log.warning("round %d: %s", rnd, reason)
         return reason
 
-    def end_round(self, tally: RoundTally) -> dict[str, Any]:
+    def end_round(self, tally: RoundTally,
+                  personal: Callable[[ServerState, bool], dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
         """Aggregate the accepted updates, evaluate when due, write the metrics row and the
         checkpoint; returns the row.
+
+        ``personal(state, final)`` evaluates personalised methods' clients where their kept
+        state is (default: :func:`evaluate_personal` with ``exp.client_state``, the local
+        runtime's; Flower asks the nodes).
 
         Raises:
             LorafleetError: every sampled client failed (finished rounds are kept).
@@ -455,7 +491,9 @@ class FederatedSession:
         if rnd % self.cfg.train.eval_every == 0 or rnd == self.cfg.rounds:
             row.update(evaluate_global(exp, self.state, final=rnd == self.cfg.rounds))
             if algo.personalised:
-                row.update(evaluate_personal(exp, self.state, final=rnd == self.cfg.rounds))
+                final = rnd == self.cfg.rounds
+                row.update(personal(self.state, final) if personal is not None
+                           else evaluate_personal(exp, self.state, final=final))
         t_eval = time.perf_counter() - t_eval
         row["wall_seconds"] = self.wall()
         # this process since the round began (or since its last client began), and every
@@ -467,6 +505,8 @@ class FederatedSession:
         extra = {"ledger": self.ledger.state_dict(), "clock": self.clock.state_dict(),
                  "wall_seconds": row["wall_seconds"], "update_rms": self.norm_history}
         if algo.keeps_client_state:  # what the clients kept, saved with the state it fits
+            # (the local runtime's store; on Flower the nodes keep theirs, the server none)
+            extra["run_token"], extra["kept_by"] = self.run_token, self.kept_by
             save_checkpoint(self.run.checkpoint_dir, rnd, self.state, extra,
                             client_state=exp.client_state.flat())
         else:
