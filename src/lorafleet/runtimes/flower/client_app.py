@@ -43,16 +43,17 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from lorafleet.runtimes.flower.link import LINK_VERSION, LinkError, call, failure_record
-from lorafleet.runtimes.flower.node_state import STATE_DIR
 from lorafleet.runtimes.trace import process_created, trace, tracing
 
-__all__ = ["DATA_PATH", "PARTITION_ID", "SPLIT_REFUSAL", "TRAINER_SOCKET", "app",
+__all__ = ["DATA_PATH", "PARTITION_ID", "SPLIT_REFUSAL", "STATE_DIR", "TRAINER_SOCKET", "app",
            "forward_train", "partition_of", "query_reply"]
 
 log = logging.getLogger("lorafleet")
 
 PARTITION_ID = "partition-id"
 DATA_PATH = "data-path"  # optional: train on this file instead of the partition
+# optional: where the node keeps its client's state on disk (runtimes/flower/node_state.py)
+STATE_DIR = "state-dir"
 TRAINER_SOCKET = "trainer-socket"  # optional: the resident trainer's socket (else: train here)
 # optional: the node's device (auto, cpu, cuda, cuda:N, mps) when it trains in this process; a
 # resident trainer takes its own as `lorafleet node --device`

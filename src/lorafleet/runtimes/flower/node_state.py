@@ -35,12 +35,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from lorafleet.algorithms.base import Tensors
+from lorafleet.runtimes.flower.client_app import STATE_DIR
 from lorafleet.runtimes.flower.link import PACKED_STYPE
 from lorafleet.runtimes.flower.wire import pack_tensors, unpack_tensors
 
 __all__ = ["STATE_DIR", "NodeStateStore"]
 
-STATE_DIR = "state-dir"  # node config: where this node keeps its client's state on disk
 KEPT, KEPT_META = "lorafleet.kept", "lorafleet.kept-meta"  # Context.state records
 _FILE = re.compile(r"round-(\d+)\.safetensors")
 
