@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
+from test_flower import _assert_same_run
 
 from lorafleet.algorithms.base import lora_key
 from lorafleet.checkpoint import load_checkpoint
@@ -26,7 +26,6 @@ from lorafleet.runtimes.flower.server_app import serve
 from lorafleet.runtimes.flower.wire import read_payload, read_reply
 from lorafleet.runtimes.local import run_local
 from lorafleet.runtimes.session import FederatedSession, RunResult
-from test_flower import _assert_same_run
 from test_local_runtime import tiny_overrides
 
 
@@ -215,3 +214,29 @@ def test_node_store_reads_the_latest_round_before_the_order_and_prunes() -> None
         NodeStateStore(memory, run="r1", before=2).put(0, {"m.lora_B": b["m.lora_B"] + 7})
         assert float(NodeStateStore(memory, run="r1", before=3).get(0)["m.lora_B"][0, 0]) == 7
         assert 0 not in NodeStateStore(memory, run="r1", before=2)  # its own round: not before
+
+
+@pytest.mark.slow
+def test_fedsa_on_flower_sim_resumes_to_the_local_run(tmp_path: Path, tiny_bert_dir: Path,
+                                                       tiny_text_csv: Path) -> None:
+    """Flower's Simulation Engine (Ray actors, which serve any node): killed after round 1
+    and resumed, the run equals the local one exactly (A, rows with bytes and personal
+    metrics, summary), and every node's B on disk equals the local client's."""
+    from lorafleet.runtimes.flower import run_flower_sim
+    from lorafleet.runtimes.flower.simulation import CLIENT_STATE
+
+    torch.set_num_threads(1)  # parity needs one thread (tests/test_flower.py)
+    cfg = _fedsa(tiny_bert_dir, tiny_text_csv)
+    run_local(cfg, tmp_path / "local", progress=False)
+    sim = cfg.model_copy(update={"runtime": "flower-sim"})
+    assert run_flower_sim(sim, tmp_path / "sim", progress=False, stop_after=1).summary == {}
+    run_flower_sim(None, tmp_path / "sim", resume=True, progress=False)
+    _assert_same_run(tmp_path / "local", tmp_path / "sim")
+    local = load_checkpoint(tmp_path / "local" / "checkpoint")
+    assert local is not None
+    for c in range(3):
+        kept = _kept_b(tmp_path / "sim" / CLIENT_STATE, c)
+        ref = {k.partition("/")[2]: v for k, v in local.client_state.items()
+               if k.startswith(f"{c}/")}
+        assert ref and kept.keys() == ref.keys()
+        assert all(torch.equal(kept[k], ref[k]) for k in ref)

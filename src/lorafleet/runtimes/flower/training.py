@@ -399,7 +399,7 @@ def personal_reply(content: RecordDict, partition_id: int, data_path: str | None
         score = personal_score(exp, order.state, partition_id, local, final=order.final)
     except OrderRefused as err:
         return failure_record(err.reason)
-    except (LorafleetError, *CLIENT_ERRORS) as err:
+    except CLIENT_ERRORS as err:  # ConfigError and LorafleetError too (ValueErrors)
         log.warning("client %d: personalised evaluation failed: %s", partition_id, err)
         return failure_record(failure_reason(err))
     return personal_reply_record(score)
