@@ -229,7 +229,8 @@ def test_a_trainer_refuses_a_malformed_frame_with_a_logged_reason(sockets, tiny_
 
 
 # ----------------------------------------------------------------------------- parity (fast)
-@pytest.mark.parametrize("algorithm", ["fslora", "fedavg", "hetlora", "flexlora", "flora"])
+@pytest.mark.parametrize("algorithm", ["fslora", "fedavg", "hetlora", "flexlora", "flora",
+                                       "fedsa-lora"])
 def test_resident_trainers_give_the_local_run(tmp_path, sockets, tiny_bert_dir, tiny_text_csv,
                                               algorithm):
     """Three clients trained by resident trainers through the thin ClientApp and the link:

@@ -89,7 +89,8 @@ class NodeStateStore:
         if kept_round >= self.before:
             return None
         record = self.memory[KEPT]
-        assert isinstance(record, ArrayRecord)
+        if not isinstance(record, ArrayRecord) or PACKED_STYPE not in record:
+            return None
         return kept_round, unpack_tensors(bytes(record[PACKED_STYPE].data), KEPT)
 
     def _latest(self, client: int) -> tuple[int, Tensors] | None:
