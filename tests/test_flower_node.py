@@ -229,7 +229,8 @@ def test_a_trainer_refuses_a_malformed_frame_with_a_logged_reason(sockets, tiny_
 
 
 # ----------------------------------------------------------------------------- parity (fast)
-@pytest.mark.parametrize("algorithm", ["fslora", "fedavg", "hetlora", "flexlora", "flora"])
+@pytest.mark.parametrize("algorithm", ["fslora", "fedavg", "hetlora", "flexlora", "flora",
+                                       "fedsa-lora"])
 def test_resident_trainers_give_the_local_run(tmp_path, sockets, tiny_bert_dir, tiny_text_csv,
                                               algorithm):
     """Three clients trained by resident trainers through the thin ClientApp and the link:
@@ -255,6 +256,31 @@ def test_resident_trainers_give_the_local_run(tmp_path, sockets, tiny_bert_dir, 
         assert (trainer.experiments.builds, trainer.trained, trainer.last_round) == (1, 2, 2)
         assert trainer.refused == 0
     assert not any(p.exists() for p in paths.values())
+
+
+def test_restarted_resident_trainers_continue_fedsa_exactly_from_their_state_dir(
+        tmp_path, sockets, tiny_bert_dir, tiny_text_csv):
+    """FedSA-LoRA through resident trainers with --state-dir: server and trainers stopped
+    after round 1, fresh trainers (empty memory) and a resumed server (a new Flower run)
+    end as the local run; without a state dir the fresh trainers would start from B = 0."""
+    cfg = _config(tiny_bert_dir, tiny_text_csv, algorithm="fedsa-lora", rounds=3)
+    run_local(cfg, tmp_path / "local", progress=False)
+    flower_cfg = cfg.model_copy(update={"runtime": "flower-sim"})
+    paths = {i: sockets / f"s{i}.sock" for i in range(3)}
+
+    def run(state_dir: Path, *, resume: bool, stop_after: int | None, run_id: int) -> None:
+        trainers = [ResidentTrainer(i, state_dir=str(state_dir)) for i in range(3)]
+        with contextlib.ExitStack() as stack:
+            for i, trainer in enumerate(trainers):
+                stack.enter_context(running(trainer, paths[i]))
+            session = FederatedSession.open(None if resume else flower_cfg,
+                                            tmp_path / "resident", resume=resume)
+            serve(_resident_grid(3, paths, run_id=run_id), session, node_wait=0.0,
+                  stop_after=stop_after)
+
+    run(tmp_path / "state", resume=False, stop_after=1, run_id=1)
+    run(tmp_path / "state", resume=True, stop_after=None, run_id=2)
+    _assert_same_run(tmp_path / "local", tmp_path / "resident")
 
 
 def test_a_trainer_without_config_builds_on_the_first_request_and_keeps_it(

@@ -217,8 +217,8 @@ def _attack(monkeypatch: pytest.MonkeyPatch, transform: Transform, *, client: in
     wherever it trains (local runtime or a Flower ClientApp in this process)."""
     real = session_mod.train_client
 
-    def train(exp, trainer, payload, cid, rnd):  # type: ignore[no-untyped-def]
-        result, tokens = real(exp, trainer, payload, cid, rnd)
+    def train(exp, trainer, payload, cid, rnd, store=None):  # type: ignore[no-untyped-def]
+        result, tokens = real(exp, trainer, payload, cid, rnd, store)
         if cid == client and (rounds is None or rnd in rounds):
             result = ClientResult(tensors=transform(result.tensors),  # type: ignore[arg-type]
                                   num_examples=result.num_examples, metrics=result.metrics)

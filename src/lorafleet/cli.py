@@ -227,6 +227,10 @@ def node(
     device: Annotated[str | None, typer.Option(
         help="Compute on this device (auto, cpu, cuda, cuda:N, mps) instead of the "
         "experiment's `device`.")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", help="Keep what the client keeps between rounds (FedSA-LoRA's B) in "
+        "this directory too, so a restarted trainer or a resumed run continues exactly "
+        "(default: in memory only).")] = None,
     verbose: Annotated[bool, typer.Option(help="Log more (INFO: one line per round).")] = False,
 ) -> None:
     """Run a device's resident trainer: it keeps the model loaded and trains the Flower
@@ -240,7 +244,7 @@ def node(
         return
     try:
         run_node(socket_path, partition_id, config=config, data_path=data_path,
-                 device=device, console=err_console)
+                 device=device, console=err_console, state_dir=state_dir)
     except LorafleetError as err:
         _fail(str(err))
 

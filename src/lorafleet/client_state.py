@@ -4,19 +4,43 @@ A method with ``keeps_client_state`` (FedSA-LoRA keeps B on the client) returns 
 ``ClientResult.local``; they are never shipped, validated or billed. The local simulator
 keeps every client's in one :class:`ClientStore` (not one model per client), and the run's
 checkpoint stores them beside the server state, so ``--resume`` continues exactly.
+
+Every runtime hands the client step (:func:`lorafleet.runtimes.client_step.train_client`) a
+:class:`ClientStateStore`, so one function serves them all: the local runtime its
+experiment's :class:`ClientStore`; a Flower node its own store
+(:class:`lorafleet.runtimes.flower.node_state.NodeStateStore`: the node's ``Context.state``
+in memory and, for an exact ``--resume``, a per-round history on the node's disk), since a
+Simulation Engine actor serves many nodes and a deployed node is another machine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 
 from lorafleet.algorithms.base import Tensors
 
-__all__ = ["ClientStore"]
+__all__ = ["ClientStateStore", "ClientStore"]
 
 SEPARATOR = "/"  # checkpoint names: "<client>/<tensor>"
+
+
+class ClientStateStore(Protocol):
+    """Where the client step reads and writes what a client keeps (one client or many)."""
+
+    def __contains__(self, client: int) -> bool:
+        """Whether ``client`` kept something (False before its first round)."""
+        ...
+
+    def get(self, client: int) -> Tensors:
+        """The tensors ``client`` kept after its last round."""
+        ...
+
+    def put(self, client: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace what ``client`` keeps."""
+        ...
 
 
 class ClientStore:

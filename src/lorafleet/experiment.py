@@ -74,9 +74,11 @@ def check_config(cfg: ExperimentConfig, device: torch.device | None = None) -> N
             raise ConfigError("train.gradient_checkpointing", f"{cfg.algorithm} is split "
                               "learning, whose cut the recomputation would not see; it must "
                               "be false (split.split_point already bounds device memory)")
-    if cls.keeps_client_state and cfg.runtime != "local":
-        raise ConfigError("runtime", f"{cfg.algorithm} keeps state on each client, which only "
-                          "the local runtime stores so far (allowed: local)")
+    # Client-local state is kept by the local runtime (one store) and by Flower's nodes
+    # (runtimes/flower/node_state.py); ray runs split learning only, which keeps none.
+    if cls.keeps_client_state and cfg.runtime not in ("local", "flower-sim"):
+        raise ConfigError("runtime", f"{cfg.algorithm} keeps state on each client, which the "
+                          "local and Flower runtimes store (allowed: local, flower-sim)")
     check_device(cfg, device or resolve_device(cfg.device), split_learning=cls.split_learning)
     resolve_algorithm(cfg).check_robust(cfg.robust.aggregation, cfg.train.aggregation_weights)
 

@@ -69,6 +69,7 @@ def run_local(
         check_runtime(cfg)  # before the run directory is written
     session = FederatedSession.open(cfg, out, resume=resume, console=console,
                                     progress=progress)
+    session.keep_client_state_on("server")  # exp.client_state, in the checkpoint
     exp = session.exp
     if cfg is None:
         check_runtime(exp.cfg)  # the resumed run's stored config

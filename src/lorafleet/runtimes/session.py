@@ -1,4 +1,5 @@
-"""The server side of a federated run and the client step, shared by every runtime.
+"""The server side of a federated run, shared by every runtime (the client step, re-exported
+here for older imports, lives in :mod:`lorafleet.runtimes.client_step`).
 
 A runtime opens a :class:`FederatedSession` (build the experiment, start or resume the run
 directory, evaluate the initial model), and then per round:
@@ -22,7 +23,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lorafleet.algorithms.base import Batch, ClientInfo, ClientResult, Payload, ServerState
+from lorafleet.algorithms.base import ClientInfo, ClientResult, Payload, ServerState
 from lorafleet.checkpoint import load_checkpoint, save_checkpoint
 from lorafleet.config import ExperimentConfig
 from lorafleet.data.partition import render_partition_table
@@ -39,16 +41,20 @@ from lorafleet.experiment import (
     Experiment,
     build_experiment,
     check_config,
-    client_batches,
     derive_seed,
     sample_clients,
 )
-from lorafleet.hardware import PeakMemory, release_memory
+from lorafleet.hardware import PeakMemory
 from lorafleet.metrics import CommLedger, SimulatedClock, tensor_bytes, train_flops
-from lorafleet.models.adapters import PeftClientTrainer
-from lorafleet.models.split_training import SplitClientTrainer
 from lorafleet.rundir import RunDir
+from lorafleet.runtimes.client_step import (
+    CLIENT_ERRORS,
+    failure_reason,
+    make_trainer,
+    train_client,
+)
 from lorafleet.runtimes.personal import evaluate_personal
+from lorafleet.runtimes.summary import BYTES_PER_VALUE, finish_run
 from lorafleet.runtimes.trace import trace
 from lorafleet.runtimes.validation import (
     all_finite,
@@ -74,15 +80,9 @@ __all__ = [
 
 log = logging.getLogger("lorafleet")
 
-BYTES_PER_VALUE = 4  # float32 on the wire
 
 # Config fields a resumed run may change: none of them changes what the rounds compute.
 RESUME_MAY_CHANGE = ("rounds", "runtime", "client_resources", "device")
-
-# What a failing client raises (out of memory, a bad batch, a missing file): the client is
-# dropped from the round and the others aggregate.
-CLIENT_ERRORS: tuple[type[Exception], ...] = (RuntimeError, ValueError, KeyError, OSError)
-
 
 @dataclass
 class RunResult:
@@ -112,87 +112,6 @@ def _loss_of(result: ClientResult) -> float:
     loss = metrics.get("loss", math.nan)
     return float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) \
         else math.nan
-
-
-def failure_reason(err: BaseException) -> str:
-    """The one-line reason a failed client is dropped with."""
-    return f"client failed: {type(err).__name__}: {err}".splitlines()[0]
-
-
-# ----------------------------------------------------------------------------- client side
-def make_trainer(exp: Experiment, payload: Payload,
-                 on_step: Callable[[int, float], None] | None = None
-                 ) -> PeftClientTrainer | SplitClientTrainer:
-    """The trainer a client of ``exp`` trains ``payload`` with (split or PEFT)."""
-    tc = exp.cfg.train
-    if exp.algorithm.split_learning:
-        return SplitClientTrainer(
-            exp.model, exp.task.loss, split_point=int(payload.config["split_point"]),
-            labels=exp.cfg.split.labels,
-            probe_importance=bool(payload.config.get("probe_importance", False)),
-            lr=tc.lr, optimizer=tc.optimizer, weight_decay=tc.weight_decay,
-            grad_clip=tc.grad_clip, on_step=on_step, precision=tc.precision,
-            grad_accum_steps=tc.grad_accum_steps, loss_weight=exp.task.loss_weight,
-        )
-    return PeftClientTrainer(
-        exp.model, exp.task.loss, lr=tc.lr, optimizer=tc.optimizer,
-        weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, on_step=on_step,
-        precision=tc.precision, grad_accum_steps=tc.grad_accum_steps,
-        loss_weight=exp.task.loss_weight, frozen=payload.config.get("frozen", ()),
-    )
-
-
-def _counted(batches: Iterator[Batch], counter: list[int]) -> Iterator[Batch]:
-    for batch in batches:
-        counter[0] += int(batch["attention_mask"].sum())
-        yield batch
-
-
-def train_client(
-    exp: Experiment,
-    trainer: PeftClientTrainer | SplitClientTrainer,
-    payload: Payload,
-    client: int,
-    round: int,
-) -> tuple[ClientResult, int]:
-    """Client ``client``'s local training in ``round``, wherever it runs.
-
-    Its batches and the torch seed are pure functions of (seed, round, client), so the
-    result does not depend on the process or on which clients trained before. Its metrics
-    get ``peak_memory_bytes``, the peak memory of its training (:class:`PeakMemory`; the
-    largest of what the split actors report, if more), and the device's cached memory is
-    released after it (GPUs only: :func:`release_memory`).
-
-    Returns:
-        The algorithm's client result (``num_examples`` set) and the tokens trained on.
-
-    Raises:
-        One of :data:`CLIENT_ERRORS` when training fails.
-    """
-    cfg = exp.cfg
-    tokens = [0]
-    batches = _counted(client_batches(
-        exp.task, exp.train_items, exp.parts[client], batch_size=cfg.train.batch_size,
-        steps=exp.steps_per_round, seed=derive_seed(cfg.seed, "batches", round, client),
-    ), tokens)
-    torch.manual_seed(derive_seed(cfg.seed, "train", round, client))
-    peak = PeakMemory(exp.device)
-    peak.reset()
-    t0 = time.perf_counter()
-    algo = exp.algorithm
-    if algo.keeps_client_state:  # the client's own tensors from its last round
-        local = (exp.client_state.get(client) if client in exp.client_state
-                 else algo.initial_client_state(exp.clients[client]))
-        result = algo.client_update(trainer, payload, batches, local=local)
-        exp.client_state.put(client, result.local)  # kept here, never shipped
-    else:
-        result = algo.client_update(trainer, payload, batches)
-    trace("train_client", round=round, client=client, seconds=time.perf_counter() - t0)
-    result.num_examples = exp.clients[client].num_examples
-    result.metrics["peak_memory_bytes"] = float(max(
-        peak.read(), result.metrics.get("peak_memory_bytes", 0.0)))
-    release_memory(exp.device)
-    return result, tokens[0]
 
 
 # ----------------------------------------------------------------------------- server side
@@ -238,7 +157,7 @@ class FederatedSession:
     def __init__(self, exp: Experiment, run: RunDir, state: ServerState, *, start: int,
                  ledger: CommLedger, clock: SimulatedClock, rows: list[dict[str, Any]],
                  wall_before: float, t_start: float,
-                 norm_history: list[list[float]] | None = None) -> None:
+                 norm_history: list[list[float]] | None = None, run_token: str = "") -> None:
         self.exp = exp
         self.run = run
         self.state = state
@@ -252,6 +171,14 @@ class FederatedSession:
         # RMS values of the updates accepted in the last rounds (robust.norm_window), one
         # list per round: the norm bound's memory, checkpointed so a resume judges alike.
         self.norm_history = norm_history or []
+        # Names this run to nodes that keep client state (new per run, checkpointed): what
+        # a node kept for another run, or for an earlier run in this directory, is not read.
+        self.run_token = run_token or uuid.uuid4().hex
+        # Who keeps the clients' state (keeps_client_state): "server" (this process's
+        # exp.client_state, checkpointed with the server state; the local runtime) or
+        # "nodes" (Flower: each node its own); a resumed run must keep it where it was.
+        self.kept_by = "server"
+        self._resumed_kept_by: str | None = None
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -316,6 +243,7 @@ class FederatedSession:
             clock.load_state_dict(ckpt.extra["clock"])
             wall_before = float(ckpt.extra["wall_seconds"])
             norm_history = [[float(x) for x in r] for r in ckpt.extra.get("update_rms", [])]
+            run_token = str(ckpt.extra.get("run_token", ""))
             exp.client_state.load_flat(ckpt.client_state)
             rows = run.truncate_metrics(ckpt.round)
             if progress:
@@ -325,11 +253,15 @@ class FederatedSession:
             start = 1
             wall_before = 0.0
             norm_history = []
+            run_token = ""
             rows = []
         if algo.merges_into_base:
             exp.model.set_base_delta(algo.global_adapter(state).base_delta)
         session = cls(exp, run, state, start=start, ledger=ledger, clock=clock, rows=rows,
-                      wall_before=wall_before, t_start=t_start, norm_history=norm_history)
+                      wall_before=wall_before, t_start=t_start, norm_history=norm_history,
+                      run_token=run_token)
+        if ckpt is not None and algo.keeps_client_state:
+            session._resumed_kept_by = str(ckpt.extra.get("kept_by", "server"))
         if start == 1:
             metric = exp.task.metric
             base_eval = evaluate_global(exp, state)
@@ -347,6 +279,22 @@ class FederatedSession:
                 console.print(f"round 0 (initial model): {metric} {base_eval[metric]:.4f}")
         trace("session_open", start=start, seconds=session.wall())
         return session
+
+    def keep_client_state_on(self, where: str) -> None:
+        """Say who keeps the clients' state in this run: "server" or "nodes".
+
+        Raises:
+            LorafleetError: a resumed run whose clients' state was kept elsewhere (a run of
+                a method that keeps client state resumes on the runtime it started on).
+        """
+        resumed = self._resumed_kept_by
+        if resumed is not None and resumed != where:
+            had = "the server's checkpoint (the local runtime)" if resumed == "server" \
+                else "the Flower nodes"
+            raise LorafleetError(
+                f"{self.cfg.algorithm} kept its clients' state in {had}; resume this run on "
+                f"{'runtime local' if resumed == 'server' else 'Flower'}, where it is")
+        self.kept_by = where
 
     def wall(self) -> float:
         """Wall seconds of the run so far (earlier sessions of a resumed run included)."""
@@ -486,9 +434,15 @@ class FederatedSession:
         log.warning("round %d: %s", rnd, reason)
         return reason
 
-    def end_round(self, tally: RoundTally) -> dict[str, Any]:
+    def end_round(self, tally: RoundTally,
+                  personal: Callable[[ServerState, bool], dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
         """Aggregate the accepted updates, evaluate when due, write the metrics row and the
         checkpoint; returns the row.
+
+        ``personal(state, final)`` evaluates personalised methods' clients where their kept
+        state is (default: :func:`evaluate_personal` with ``exp.client_state``, the local
+        runtime's; Flower asks the nodes).
 
         Raises:
             LorafleetError: every sampled client failed (finished rounds are kept).
@@ -537,7 +491,9 @@ class FederatedSession:
         if rnd % self.cfg.train.eval_every == 0 or rnd == self.cfg.rounds:
             row.update(evaluate_global(exp, self.state, final=rnd == self.cfg.rounds))
             if algo.personalised:
-                row.update(evaluate_personal(exp, self.state, final=rnd == self.cfg.rounds))
+                final = rnd == self.cfg.rounds
+                row.update(personal(self.state, final) if personal is not None
+                           else evaluate_personal(exp, self.state, final=final))
         t_eval = time.perf_counter() - t_eval
         row["wall_seconds"] = self.wall()
         # this process since the round began (or since its last client began), and every
@@ -549,6 +505,8 @@ class FederatedSession:
         extra = {"ledger": self.ledger.state_dict(), "clock": self.clock.state_dict(),
                  "wall_seconds": row["wall_seconds"], "update_rms": self.norm_history}
         if algo.keeps_client_state:  # what the clients kept, saved with the state it fits
+            # (the local runtime's store; on Flower the nodes keep theirs, the server none)
+            extra["run_token"], extra["kept_by"] = self.run_token, self.kept_by
             save_checkpoint(self.run.checkpoint_dir, rnd, self.state, extra,
                             client_state=exp.client_state.flat())
         else:
@@ -559,87 +517,6 @@ class FederatedSession:
 
     # ------------------------------------------------------------------------- the end
     def finish(self) -> dict[str, Any]:
-        """Export the final model and write summary.json: adapter/ (PEFT), or merged/ for
-        algorithms that merge into the base (plus adapter/ where exact); split algorithms
-        always write merged/ too."""
-        exp, run, state, rows = self.exp, self.run, self.state, self.rows
-        cfg, task, algo = exp.cfg, exp.task, exp.algorithm
-        ga = algo.global_adapter(state)
-        exp.model.set_global(ga.tensors, ga.scaling, ga.base_delta)
-        if algo.merges_into_base:
-            exp.model.save_merged(run.merged_dir)
-            exact = algo.exact_adapter(state)
-            if exact is not None:
-                exp.model.save_exact_adapter(run.adapter_dir, exact)
-        else:
-            exp.model.save_adapter(run.adapter_dir)
-            if algo.split_learning:  # the split family always leaves a loadable full model
-                exp.model.save_merged(run.merged_dir)
-        run.record_outputs("adapter", "merged")
-        metric = task.metric
-        evaluated = [r for r in rows if metric in r and r["round"] > 0]
-        if not evaluated:
-            raise LorafleetError("the run finished without an evaluation")
-        values = [float(r[metric]) for r in evaluated]
-        best = max(values) if task.higher_is_better else min(values)
-        base = next((float(r[metric]) for r in rows if r["round"] == 0 and metric in r), None)
-        down, up = self.ledger.totals()
-        clients: dict[str, dict[str, Any]] = {
-            str(c.id): {"rank": c.rank, "examples": c.num_examples,
-                        "profile": exp.profiles[c.id].name}
-            for c in exp.clients
-        }
-        split = exp.split
-        if split is not None:
-            for c in exp.clients:
-                s, ranks = algo.client_layout(state, c)  # type: ignore[attr-defined]
-                clients[str(c.id)].update({
-                    "split_point": s,
-                    "ranks": ranks,
-                    "memory_budget_bytes": int(split.budgets_bytes[c.id]),
-                    "memory_estimate_bytes": split.memory_bytes(
-                        s, {m: r for m, r in ranks.items() if r > 0}),
-                })
-        summary = {
-            "name": cfg.name,
-            "algorithm": cfg.algorithm,
-            "seed": cfg.seed,
-            "rounds": cfg.rounds,
-            "metric": metric,
-            "higher_is_better": task.higher_is_better,
-            "base": base,
-            "final": values[-1],
-            "best": best,
-            "bytes_up": up,
-            "bytes_down": down,
-            "bytes_per_value": BYTES_PER_VALUE,
-            "sim_seconds": self.clock.elapsed,
-            "wall_seconds": self.wall(),
-            "lora_rank": cfg.lora.rank,
-            "lora_alpha": cfg.lora.alpha,
-            "modules": {k: list(v) for k, v in exp.model.spec.modules.items()},
-            "dense_params": exp.model.spec.dense_values(),
-            "clients": clients,
-            "output": "merged" if algo.merges_into_base else "adapter",
-            "peak_memory_bytes": max((int(r["peak_memory_bytes"]) for r in rows
-                                      if r.get("peak_memory_bytes") is not None), default=None),
-            "device": str(exp.device),
-        }
-        personal = [r for r in rows if f"personal_{metric}" in r]
-        if personal:  # personalised methods: each client's own model on its own share
-            summary["personal_final"] = personal[-1][f"personal_{metric}"]
-            summary["personal_clients"] = personal[-1]["personal"]
-        if split is not None:
-            summary.update({"bytes_activations": self.ledger.activation_bytes(),
-                            "split_labels": cfg.split.labels,
-                            "num_layers": split.dims.num_layers})
-        run.write_json("summary.json", summary)
-        trace("finish", wall=summary["wall_seconds"])
-        if not any(r["clients"] for r in rows if r["round"] > 0):
-            first = next((r["rejected"][0] for r in rows if r.get("rejected")), None)
-            why = f" (first: client {first['client']}: {first['reason']})" if first else ""
-            raise LorafleetError(
-                f"no client update was accepted in any of the {cfg.rounds} rounds{why}; "
-                f"{run.path} holds the initial model, not a trained one (metrics.jsonl lists "
-                "every rejection)")
-        return summary
+        """Export the final model and write summary.json (:func:`~lorafleet.runtimes
+        .summary.finish_run`); returns the summary."""
+        return finish_run(self)

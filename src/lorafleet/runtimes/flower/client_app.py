@@ -24,6 +24,14 @@ node --data-path`` with a resident trainer (a ``data-path`` in the node config m
 name the same file). Either way training is
 :func:`lorafleet.runtimes.session.train_client`, the function the local runtime calls, so a
 client's update is the same wherever it trains.
+
+Methods whose clients keep state between rounds (FedSA-LoRA's B) keep it on the node
+(:mod:`lorafleet.runtimes.flower.node_state`): in the node's ``Context.state`` when the
+ClientApp trains in place (a Simulation Engine actor serves many nodes, so the process
+cannot hold it), in the resident trainer's memory otherwise; and on the node's disk for an
+exact ``--resume`` (node config ``state-dir``, or ``lorafleet node --state-dir``; on
+flower-sim the directory the server names). Personalised methods' clients also answer an
+``evaluate`` message: their own model on their own held-out share.
 """
 
 from __future__ import annotations
@@ -37,13 +45,15 @@ from flwr.clientapp import ClientApp
 from lorafleet.runtimes.flower.link import LINK_VERSION, LinkError, call, failure_record
 from lorafleet.runtimes.trace import process_created, trace, tracing
 
-__all__ = ["DATA_PATH", "PARTITION_ID", "SPLIT_REFUSAL", "TRAINER_SOCKET", "app",
+__all__ = ["DATA_PATH", "PARTITION_ID", "SPLIT_REFUSAL", "STATE_DIR", "TRAINER_SOCKET", "app",
            "forward_train", "partition_of", "query_reply"]
 
 log = logging.getLogger("lorafleet")
 
 PARTITION_ID = "partition-id"
 DATA_PATH = "data-path"  # optional: train on this file instead of the partition
+# optional: where the node keeps its client's state on disk (runtimes/flower/node_state.py)
+STATE_DIR = "state-dir"
 TRAINER_SOCKET = "trainer-socket"  # optional: the resident trainer's socket (else: train here)
 # optional: the node's device (auto, cpu, cuda, cuda:N, mps) when it trains in this process; a
 # resident trainer takes its own as `lorafleet node --device`
@@ -73,8 +83,15 @@ def _seconds_left(msg: Message) -> float:
     return max(1.0, float(meta.created_at) + float(meta.ttl) - time.time())
 
 
-def forward_train(socket_path: str, msg: Message, context: Context) -> RecordDict:
-    """Have the resident trainer on ``socket_path`` train ``msg``; the reply's content.
+def _state_dir(context: Context) -> str | None:
+    value = context.node_config.get(STATE_DIR)
+    return str(value) if value else None
+
+
+def forward_train(socket_path: str, msg: Message, context: Context, op: str = "train"
+                  ) -> RecordDict:
+    """Have the resident trainer on ``socket_path`` train ``msg`` (``op="personal"``: run
+    its personalised evaluation); the reply's content.
 
     The request names the run, the node and its client (``partition-id``, ``data-path``),
     so that the trainer refuses a message that is not for it or is stale. A link that
@@ -83,7 +100,7 @@ def forward_train(socket_path: str, msg: Message, context: Context) -> RecordDic
     """
     entered, t0 = time.time(), time.perf_counter()
     partition = partition_of(context)
-    header = {"op": "train", "version": LINK_VERSION, "run": int(context.run_id),
+    header = {"op": op, "version": LINK_VERSION, "run": int(context.run_id),
               "node": int(context.node_id), PARTITION_ID: partition,
               DATA_PATH: _data_path(context), "message": msg.metadata.message_id}
     timings: dict[str, float] = {}
@@ -124,7 +141,25 @@ def train(msg: Message, context: Context) -> Message:
 
     device = context.node_config.get(DEVICE)
     return Message(train_reply(msg.content, partition_of(context), _data_path(context),
-                               device=str(device) if device else None, started=started),
+                               device=str(device) if device else None, started=started,
+                               memory=context.state, state_dir=_state_dir(context)),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalised methods: evaluate this node's client's own model (the server's state
+    with what the client keeps) on its own held-out share."""
+    socket_path = context.node_config.get(TRAINER_SOCKET)
+    if socket_path:
+        return Message(forward_train(str(socket_path), msg, context, op="personal"),
+                       reply_to=msg)
+    from lorafleet.runtimes.flower.training import personal_reply  # torch, transformers
+
+    device = context.node_config.get(DEVICE)
+    return Message(personal_reply(msg.content, partition_of(context), _data_path(context),
+                                  device=str(device) if device else None,
+                                  memory=context.state, state_dir=_state_dir(context)),
                    reply_to=msg)
 
 

@@ -33,11 +33,17 @@ request gets no reply, which its ClientApp reports as a failure). The socket fil
 beside its final name, made 0600 and renamed into place once it listens, and removed at exit
 if it is still this trainer's; a stale file left by a killed trainer is replaced. The trainer
 writes no other file (a SIGTERM while it still builds, before the socket exists, simply ends
-it).
+it), except, with ``--state-dir``, what its client keeps between rounds.
 
-Only ``train`` is served: lorafleet's strategy evaluates the global model on the server, as
-the local runtime does (``configure_evaluate`` sends nothing). An ``evaluate`` op would be
-one more branch of :meth:`ResidentTrainer.handle`.
+Client-local state (methods with ``keeps_client_state``): the trainer keeps its client's in
+its own memory (a RecordDict, as a ClientApp keeps it in ``Context.state``), so it outlives
+a Flower run (a resumed server's orders carry the same run token), and with ``--state-dir``
+also on disk, so a restarted trainer continues exactly
+(:mod:`lorafleet.runtimes.flower.node_state`).
+
+Served: ``train``, and ``personal`` (personalised methods: the client's own model on its own
+held-out share, :func:`~lorafleet.runtimes.flower.training.personal_reply`); the global
+model is evaluated on the server, as the local runtime does.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from lorafleet.runtimes.flower.training import (
     ExperimentCache,
     OrderRefused,
     check_order,
+    personal_reply,
     reply_content,
     train_checked,
 )
@@ -117,6 +124,8 @@ class ResidentTrainer:
         last_round: the last round of ``run`` it accepted.
         ended_runs: runs a later run replaced; their requests are stale.
         trained, refused: requests trained (or failed in training) and refused.
+        state_dir: where it keeps its client's state on disk (None: memory only).
+        memory: its client's kept state in memory (what a ClientApp's Context.state holds).
     """
 
     partition_id: int
@@ -127,6 +136,8 @@ class ResidentTrainer:
     ended_runs: set[int] = field(default_factory=set)
     trained: int = 0
     refused: int = 0
+    state_dir: str | None = None
+    memory: RecordDict = field(default_factory=RecordDict)
 
     def __post_init__(self) -> None:
         self.data_path = _resolved(self.data_path)
@@ -175,9 +186,11 @@ class ResidentTrainer:
                 raise OrderRefused(f"malformed request: link version {header.get('version')!r}"
                                    f", this trainer speaks {LINK_VERSION} (install the same "
                                    "lorafleet on the device)")
+            if op == "personal":
+                return {"op": "reply"}, self._personal(header, arrays)
             if op != "train":
                 raise OrderRefused(f"malformed request: unknown op {str(op)[:40]!r} (allowed: "
-                                   "ping, train)")
+                                   "ping, train, personal)")
             return {"op": "reply"}, self._train(header, arrays)
         except OrderRefused as err:
             self.refused += 1
@@ -203,7 +216,7 @@ class ResidentTrainer:
             self.run = run
         self.last_round = order.round
         t_build = time.perf_counter()
-        outcome = train_checked(exp, order, self.partition_id)
+        outcome = train_checked(exp, order, self.partition_id, self.memory, self.state_dir)
         self.trained += 1
         t_train = time.perf_counter()
         reply = reply_content(outcome)
@@ -215,6 +228,18 @@ class ResidentTrainer:
         log.info("client %d: round %d %s in %.2f s", self.partition_id, order.round,
                  "failed" if isinstance(outcome, str) else "trained", t_train - t_build)
         return reply
+
+    def _personal(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> RecordDict:
+        if header.get("partition-id") != self.partition_id:
+            raise OrderRefused(f"this resident trainer is client {self.partition_id}, the "
+                               f"SuperNode says it is client {header.get('partition-id')!r}")
+        try:
+            content = frame_to_content(header.get("records"), arrays)
+        except LinkError as err:
+            raise OrderRefused(f"malformed request: {err}") from None
+        return personal_reply(content, self.partition_id, self.data_path, self.experiments,
+                              device=self.experiments.device, memory=self.memory,
+                              state_dir=self.state_dir)
 
     def _admissible(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
                     ) -> tuple[int, TrainOrder]:
@@ -380,10 +405,12 @@ def serve(socket_path: str | Path, trainer: ResidentTrainer, *,
 
 def run_node(socket_path: str | Path, partition_id: int, *, config: Path | None = None,
              data_path: Path | None = None, device: str | None = None,
-             console: Console | None = None) -> ResidentTrainer:
+             console: Console | None = None, state_dir: Path | None = None
+             ) -> ResidentTrainer:
     """``lorafleet node``: build (with ``config``) and serve client ``partition_id``'s
     resident trainer on ``socket_path`` until SIGTERM or SIGINT, computing on ``device``
-    (None: the experiment's ``device``).
+    (None: the experiment's ``device``), keeping its client's state (methods that keep
+    some) under ``state_dir`` too (None: in memory only).
 
     Raises:
         LorafleetError: a socket path that cannot be used, a config that does not load or is
@@ -403,7 +430,8 @@ def run_node(socket_path: str | Path, partition_id: int, *, config: Path | None 
         resolve_device(device)  # a device this machine lacks is refused before anything loads
     target = check_free(socket_path)
     trainer = ResidentTrainer(partition_id, str(data_path) if data_path else None,
-                              experiments=ExperimentCache(device=device))
+                              experiments=ExperimentCache(device=device),
+                              state_dir=str(state_dir) if state_dir else None)
     if config is not None:
         cfg = load_config(config, [])
         require_federated(cfg)

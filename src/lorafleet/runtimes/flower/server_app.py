@@ -48,6 +48,7 @@ def serve(
     console: Console | None = None,
     progress: bool = False,
     cancel: threading.Event | None = None,
+    state_dir: str = "",
 ) -> RunResult:
     """Run the session's remaining rounds on the nodes of ``grid``; finish the run.
 
@@ -59,10 +60,13 @@ def serve(
         stop_after: stop after this round (an interruption; tests use it).
         console, progress: round lines and a rounds bar.
         cancel: set it to stop waiting (Ctrl-C); the finished rounds are kept.
+        state_dir: where the nodes keep their clients' state on disk (flower-sim names one
+            in the run directory; "": each node's own ``state-dir``, if any).
     """
     console = console or Console(stderr=True)
     cfg = session.cfg
-    strategy = FederatedStrategy(session, round_timeout=round_timeout, cancel=cancel)
+    strategy = FederatedStrategy(session, round_timeout=round_timeout, cancel=cancel,
+                                 state_dir=state_dir)
     strategy.summary()
     strategy.roll_call(grid, wait=node_wait)
     metric = session.exp.task.metric

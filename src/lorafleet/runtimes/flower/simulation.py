@@ -4,11 +4,17 @@ The ServerApp runs in this process (Flower runs it in a thread) around a
 :class:`~lorafleet.runtimes.session.FederatedSession` opened here, so a bad config fails
 before Ray starts; every fleet client is a simulated SuperNode (``partition-id`` = client
 id) whose ClientApp runs on a Ray actor claiming ``client_resources``.
+
+Methods whose clients keep state between rounds keep it on the simulated nodes: in each
+node's ``Context.state`` and, for an exact ``--resume``, in ``<run dir>/client-state``
+(:mod:`lorafleet.runtimes.flower.node_state`), which the server names in its train orders
+(a simulation is one machine) and clears when a new run starts there.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -22,7 +28,9 @@ from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.rundir import RunDir
 from lorafleet.runtimes.session import FederatedSession, RunResult
 
-__all__ = ["backend_config", "run_flower_sim"]
+__all__ = ["CLIENT_STATE", "backend_config", "run_flower_sim"]
+
+CLIENT_STATE = "client-state"  # in the run directory: the simulated nodes' kept state
 
 
 class _InterruptGuard:
@@ -115,6 +123,9 @@ def run_flower_sim(
         require_federated(RunDir(out).stored_config())
     session = FederatedSession.open(cfg, out, resume=resume, console=console,
                                     progress=progress)
+    state_dir = session.run.path / CLIENT_STATE
+    if session.start == 1 and state_dir.is_dir():  # an earlier run's, in this directory
+        shutil.rmtree(state_dir)
     outcome: list[RunResult] = []
     cancel = threading.Event()
     server_app = ServerApp()
@@ -123,7 +134,7 @@ def run_flower_sim(
     def _serve(grid: Grid, context: Context) -> None:
         outcome.append(serve(grid, session, round_timeout=round_timeout,
                              stop_after=stop_after, console=console, progress=progress,
-                             cancel=cancel))
+                             cancel=cancel, state_dir=str(state_dir.resolve())))
 
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level

@@ -10,6 +10,13 @@ clock are the session's, so a run on Flower matches a local run of the same conf
 
 Which node plays which client is learnt by a roll call: a ``query`` message to each node not
 heard from yet, answered with the node's ``partition-id``.
+
+Methods whose clients keep state (FedSA-LoRA's B) keep it on the nodes, never in a message
+(:mod:`lorafleet.runtimes.flower.node_state`): a train order names only the run's token and,
+on flower-sim, the directory the nodes keep it in. Personalised methods are evaluated where
+that state is: after each evaluation round the strategy sends every node whose client held
+examples out an ``evaluate`` message with the new server state, and averages the scores
+that come back into the row, as the local runtime does in its own process.
 """
 
 from __future__ import annotations
@@ -24,8 +31,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from lorafleet.algorithms.base import ServerState
 from lorafleet.errors import LorafleetError, UpdateRejected
-from lorafleet.runtimes.flower.wire import payload_record, read_reply
+from lorafleet.runtimes.flower.wire import (
+    payload_record,
+    personal_order_record,
+    read_personal_reply,
+    read_reply,
+)
+from lorafleet.runtimes.personal import personal_metrics
 from lorafleet.runtimes.session import Dispatch, FederatedSession, RoundTally
 from lorafleet.runtimes.trace import trace, tracing
 
@@ -88,11 +102,17 @@ class FederatedStrategy(Strategy):
             then, so a node that comes back later does not train a finished round.
         query_timeout: seconds to wait for nodes to answer the roll call.
         cancel: set it to make waits stop with :class:`RunCancelled`.
+        state_dir: where nodes keep their clients' state on disk (flower-sim: one machine,
+            a directory of the run's); "" lets each node use its own ``state-dir``.
     """
 
     def __init__(self, session: FederatedSession, *, round_timeout: float = 3600.0,
-                 query_timeout: float = 120.0, cancel: threading.Event | None = None) -> None:
+                 query_timeout: float = 120.0, cancel: threading.Event | None = None,
+                 state_dir: str = "") -> None:
+        session.keep_client_state_on("nodes")
         self.session = session
+        self.state_dir = state_dir
+        self._grid: Grid | None = None
         self.round_timeout = round_timeout
         self.query_timeout = query_timeout
         self.cancel = cancel
@@ -163,6 +183,7 @@ class FederatedStrategy(Strategy):
         state (which a resumed run restores from its checkpoint).
         """
         self.roll_call(grid)
+        self._grid = grid
         session = self.session
         algo = session.exp.algorithm
         tally = session.begin_round(server_round)
@@ -180,8 +201,11 @@ class FederatedStrategy(Strategy):
             t0 = time.perf_counter()
             payload, sent = session.dispatch(tally, session.exp.clients[cid])
             t1 = time.perf_counter()
-            content = payload_record(payload, round=server_round, client=cid,
-                                     experiment=self.experiment, base_delta=base_delta)
+            content = payload_record(
+                payload, round=server_round, client=cid, experiment=self.experiment,
+                base_delta=base_delta,
+                state_run=session.run_token if algo.keeps_client_state else "",
+                state_dir=self.state_dir)
             if tracing():
                 trace("payload", round=server_round, client=cid, node=node, plan_s=t1 - t0,
                       encode_s=time.perf_counter() - t1, bytes=_content_bytes(content))
@@ -243,7 +267,8 @@ class FederatedStrategy(Strategy):
             session.settle(tally, sent, reply.result, tokens=reply.tokens)
         self._tally, self._sent = None, {}
         self._check_cancel()
-        row = session.end_round(tally)
+        row = session.end_round(tally, personal=lambda state, final: self._personal(
+            server_round, state, final))
         metrics: dict[str, int | float | list[int] | list[float]] = {
             k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)
         }
@@ -252,6 +277,47 @@ class FederatedStrategy(Strategy):
         except TypeError:  # a dtype numpy lacks (bfloat16): the checkpoint has the state
             arrays = None
         return arrays, MetricRecord(metrics)
+
+    def _personal(self, server_round: int, state: ServerState, final: bool
+                  ) -> dict[str, Any]:
+        """Each reachable client's own model on its own held-out share, evaluated on its
+        node (where its kept state is); a node that fails or does not answer is logged and
+        left out of the mean."""
+        exp, grid = self.session.exp, self._grid
+        clients = [c for c, held in enumerate(exp.personal_parts or []) if held]
+        missing = [c for c in clients if c not in self.nodes]
+        if missing:
+            log.warning("round %d: no personalised evaluation of clients %s (no node)",
+                        server_round, missing)
+        asked = {self.nodes[c]: c for c in clients if c in self.nodes}
+        if grid is None or not asked:
+            return {}
+        run = self.session.run_token if exp.algorithm.keeps_client_state else ""
+        messages = [Message(personal_order_record(state, round=server_round, client=c,
+                                                  experiment=self.experiment, final=final,
+                                                  state_run=run, state_dir=self.state_dir),
+                            node, MessageType.EVALUATE, ttl=self.round_timeout,
+                            group_id=f"{server_round}-personal")
+                    for node, c in asked.items()]
+        per_client: dict[str, float] = {}
+        answered: set[int] = set()
+        for reply in exchange(grid, messages, timeout=self.round_timeout, cancel=self.cancel):
+            client = asked.get(reply.metadata.src_node_id)
+            if client is None:
+                continue
+            answered.add(client)
+            score = (f"error: {(reply.error.reason or '').splitlines()[0]}"
+                     if reply.has_error() else read_personal_reply(reply.content))
+            if isinstance(score, str):
+                log.warning("round %d: client %d's personalised evaluation failed (%s)",
+                            server_round, client, score[:MAX_REASON])
+            elif score is not None:
+                per_client[str(client)] = score
+        late = sorted(set(asked.values()) - answered)
+        if late:
+            log.warning("round %d: no personalised evaluation from clients %s within the "
+                        "round timeout", server_round, late)
+        return personal_metrics(exp, per_client)
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():

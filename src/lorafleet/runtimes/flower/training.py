@@ -8,6 +8,13 @@ trainer (``lorafleet node``, :mod:`lorafleet.runtimes.flower.node`), which keeps
 (:func:`check_order`) and train it the same way (:func:`train_checked`, i.e.
 :func:`lorafleet.runtimes.session.train_client`, the local runtime's client step), so a
 client's update is the same wherever it trains.
+
+What a node's client keeps between rounds (methods with ``keeps_client_state``) lives on
+the node, never in a reply: the caller passes the node's memory (the ClientApp its
+``Context.state``, the resident trainer a RecordDict of its own) and state directory, and
+:func:`node_store` makes the :class:`~lorafleet.runtimes.flower.node_state.NodeStateStore`
+that :func:`train_client` reads and writes. :func:`personal_reply` evaluates the node's
+client's own model with it (personalised methods).
 """
 
 from __future__ import annotations
@@ -26,22 +33,30 @@ from lorafleet.algorithms.base import ClientResult
 from lorafleet.config import ExperimentConfig, validate_config
 from lorafleet.errors import LorafleetError, UpdateRejected
 from lorafleet.experiment import Experiment, build_experiment, with_local_data
-from lorafleet.runtimes.flower.client_app import SPLIT_REFUSAL
-from lorafleet.runtimes.flower.link import failure_record
-from lorafleet.runtimes.flower.wire import TrainOrder, read_payload, update_record
-from lorafleet.runtimes.session import (
+from lorafleet.runtimes.client_step import (
     CLIENT_ERRORS,
-    RESUME_MAY_CHANGE,
     failure_reason,
     make_trainer,
     train_client,
 )
+from lorafleet.runtimes.flower.client_app import SPLIT_REFUSAL
+from lorafleet.runtimes.flower.link import failure_record
+from lorafleet.runtimes.flower.node_state import NodeStateStore
+from lorafleet.runtimes.flower.wire import (
+    TrainOrder,
+    personal_reply_record,
+    read_payload,
+    read_personal_order,
+    update_record,
+)
+from lorafleet.runtimes.personal import personal_score
+from lorafleet.runtimes.session import RESUME_MAY_CHANGE
 from lorafleet.runtimes.trace import process_created, trace, tracing
 from lorafleet.runtimes.validation import validate_update
 
 __all__ = ["PROCESS_EXPERIMENTS", "ExperimentCache", "OrderRefused", "check_order",
-           "experiment_key", "node_device", "payload_shapes", "reply_content", "train_checked",
-           "train_order", "train_reply"]
+           "experiment_key", "node_device", "node_store", "payload_shapes", "personal_reply",
+           "reply_content", "train_checked", "train_order", "train_reply"]
 
 log = logging.getLogger("lorafleet")
 
@@ -172,7 +187,8 @@ PROCESS_EXPERIMENTS = ExperimentCache()
 
 def payload_shapes(exp: Experiment, order: TrainOrder) -> dict[str, tuple[int, ...]]:
     """The shapes a valid payload for ``order``'s ranks has in ``exp``: ``A: (k, n)`` and
-    ``B: (m, k)`` for every module the payload ranks, the dense parameters it holds.
+    ``B: (m, k)`` for every module the payload ranks, the dense parameters it holds, less
+    what the client keeps itself (methods with ``keeps_client_state``).
 
     Raises:
         OrderRefused: ranks naming modules that are not adapted, ranks outside
@@ -198,6 +214,11 @@ def payload_shapes(exp: Experiment, order: TrainOrder) -> dict[str, tuple[int, .
         expected[f"{module}.lora_A"] = (k, n)
         expected[f"{module}.lora_B"] = (m, k)
     expected.update({k: tuple(spec.dense[k]) for k in order.payload.tensors if k in spec.dense})
+    algo = exp.algorithm
+    if algo.keeps_client_state and 0 <= order.client < len(exp.clients):
+        # what the client keeps (FedSA-LoRA's B) is never in a payload
+        for key in algo.initial_client_state(exp.clients[order.client]):
+            expected.pop(key, None)
     return expected
 
 
@@ -242,16 +263,47 @@ def check_order(order: TrainOrder, partition_id: int, data_path: str | None,
     return exp
 
 
-def train_checked(exp: Experiment, order: TrainOrder, partition_id: int
+def node_store(exp: Experiment, run: str, before: int, memory: RecordDict | None,
+               state_dir: str | None) -> NodeStateStore | None:
+    """The store of what this node's client keeps (None: the method keeps nothing).
+
+    Args:
+        run: the order's run token; before: the order's round (see
+            :class:`~lorafleet.runtimes.flower.node_state.NodeStateStore`).
+        memory: the node's ``Context.state`` (or the resident trainer's own).
+        state_dir: the node's own state directory, else the one the order names.
+
+    Raises:
+        OrderRefused: the method keeps client state, but the order names no run token or
+            the node has no memory to keep it in.
+    """
+    if not exp.algorithm.keeps_client_state:
+        return None
+    if not run:
+        raise OrderRefused(f"{exp.cfg.algorithm} keeps state on each client, but the order "
+                           "names no state-run (a server of an older lorafleet?)")
+    if memory is None:
+        raise OrderRefused(f"{exp.cfg.algorithm} keeps state on each client, and this node "
+                           "was given no Context.state to keep it in")
+    return NodeStateStore(memory, run=run, before=before, directory=state_dir or None)
+
+
+def train_checked(exp: Experiment, order: TrainOrder, partition_id: int,
+                  memory: RecordDict | None = None, state_dir: str | None = None
                   ) -> tuple[ClientResult, int] | str:
     """Train a checked ``order`` as client ``partition_id``: its result and the tokens it
     trained on, or (logged) the one-line reason of a failure the local runtime drops a
-    client for."""
+    client for. ``memory`` and ``state_dir`` (the node's own, else the order's) keep what
+    the client keeps (:func:`node_store`)."""
     trainer = make_trainer(exp, order.payload)
     try:
+        store = node_store(exp, order.state_run, order.round, memory,
+                           state_dir or order.state_dir)
         if exp.algorithm.merges_into_base:  # the server's merged update, as in the local runtime
             exp.model.set_base_delta(order.base_delta)
-        return train_client(exp, trainer, order.payload, partition_id, order.round)
+        return train_client(exp, trainer, order.payload, partition_id, order.round, store)
+    except OrderRefused as err:
+        return err.reason
     except CLIENT_ERRORS as err:
         log.warning("client %d failed in round %d: %s", partition_id, order.round, err)
         return failure_reason(err)
@@ -265,20 +317,23 @@ def reply_content(outcome: tuple[ClientResult, int] | str) -> RecordDict:
 
 
 def train_order(order: TrainOrder, partition_id: int, data_path: str | None = None,
-                experiments: ExperimentCache = PROCESS_EXPERIMENTS) -> RecordDict:
+                experiments: ExperimentCache = PROCESS_EXPERIMENTS,
+                memory: RecordDict | None = None, state_dir: str | None = None) -> RecordDict:
     """Check and train ``order`` as client ``partition_id``; the reply's content (a refused
     order becomes a failure reply with its reason)."""
     try:
         exp = check_order(order, partition_id, data_path, experiments)
     except OrderRefused as err:
         return failure_record(err.reason)
-    return reply_content(train_checked(exp, order, partition_id))
+    return reply_content(train_checked(exp, order, partition_id, memory, state_dir))
 
 
 def train_reply(content: RecordDict, partition_id: int, data_path: str | None = None,
                 experiments: ExperimentCache = PROCESS_EXPERIMENTS, *,
                 device: str | None = None,
-                started: tuple[float, float] | None = None) -> RecordDict:
+                started: tuple[float, float] | None = None,
+                memory: RecordDict | None = None,
+                state_dir: str | None = None) -> RecordDict:
     """Train the payload in ``content`` as client ``partition_id``; the reply's content.
 
     With ``data_path`` (the node's ``data-path``) the client trains on that file instead
@@ -291,6 +346,7 @@ def train_reply(content: RecordDict, partition_id: int, data_path: str | None = 
         device: the node config's ``device`` (see :func:`node_device`).
         started: (``time.time()``, ``time.perf_counter()``) when the ClientApp's handler
             was entered, before it imported this module (for the trace).
+        memory, state_dir: where the node keeps its client's state (:func:`node_store`).
     """
     entered, t0 = started or (time.time(), time.perf_counter())
     t_import = time.perf_counter()
@@ -304,7 +360,7 @@ def train_reply(content: RecordDict, partition_id: int, data_path: str | None = 
     except LorafleetError as err:  # the node's device cannot be used here
         return failure_record(f"client failed: {err}".splitlines()[0])
     t_build = time.perf_counter()
-    outcome = train_checked(exp, order, partition_id)
+    outcome = train_checked(exp, order, partition_id, memory, state_dir)
     t_train = time.perf_counter()
     reply = reply_content(outcome)
     if tracing():
@@ -314,3 +370,36 @@ def train_reply(content: RecordDict, partition_id: int, data_path: str | None = 
               train_s=t_train - t_build, encode_s=time.perf_counter() - t_train)
     return reply
 
+
+
+def personal_reply(content: RecordDict, partition_id: int, data_path: str | None = None,
+                   experiments: ExperimentCache = PROCESS_EXPERIMENTS, *,
+                   device: str | None = None, memory: RecordDict | None = None,
+                   state_dir: str | None = None) -> RecordDict:
+    """Evaluate client ``partition_id``'s own model (the server's state in ``content`` with
+    what the client kept up to that round) on its own held-out share; the reply's content
+    (:func:`~lorafleet.runtimes.flower.wire.personal_reply_record`, or a failure)."""
+    try:
+        order = read_personal_order(content)
+        if order.client != partition_id:
+            raise OrderRefused(f"an evaluation for client {order.client} reached the node of "
+                               f"client {partition_id}")
+        if data_path:
+            raise OrderRefused("personalised evaluation of a node's own data file is not "
+                               "supported (its held-out share is the partition's)")
+        experiments.device = device
+        exp = experiments.get(order.experiment)
+        if not 0 <= partition_id < len(exp.clients) or not exp.algorithm.personalised:
+            raise OrderRefused(f"no personalised evaluation for client {partition_id} of "
+                               f"{exp.cfg.algorithm}")
+        store = node_store(exp, order.state_run, order.round + 1, memory,
+                           state_dir or order.state_dir)
+        local = store.get(partition_id) if store is not None and partition_id in store \
+            else None
+        score = personal_score(exp, order.state, partition_id, local, final=order.final)
+    except OrderRefused as err:
+        return failure_record(err.reason)
+    except CLIENT_ERRORS as err:  # ConfigError and LorafleetError too (ValueErrors)
+        log.warning("client %d: personalised evaluation failed: %s", partition_id, err)
+        return failure_record(failure_reason(err))
+    return personal_reply_record(score)

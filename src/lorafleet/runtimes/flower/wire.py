@@ -14,7 +14,10 @@ The server's message to a client:
   merged update per module (m, n) that the client's base must carry;
 - ``ConfigRecord "lorafleet"``: ``round``, ``client``, ``ranks``/``scaling``/``config``
   (JSON; JSON floats round-trip exactly) and ``experiment`` (the resolved config as YAML,
-  so every node builds the same experiment).
+  so every node builds the same experiment); for methods whose clients keep state, also
+  ``state-run`` (the run's token) and, on flower-sim, ``state-dir`` (where the nodes keep
+  it on disk; :mod:`lorafleet.runtimes.flower.node_state`). The kept state itself never
+  crosses.
 
 The byte ledger counts what the algorithm says it sends, as in the local runtime (FLoRA:
 the previous round's stacked factors); ``base_delta`` (m n values per module) travels on top
@@ -24,6 +27,13 @@ base.
 A client's reply: ``ArrayRecord "update"`` (the update's tensors) and ``MetricRecord
 "metrics"`` (``loss``, ``steps``, ``tokens``, ...), or ``ConfigRecord "failure"``
 (``reason``) when its training failed.
+
+Personalised methods' evaluation (an ``evaluate`` message after an evaluation round): the
+server's state (``ArrayRecord "state"``, ``ConfigRecord "lorafleet"`` with ``round``,
+``client``, ``experiment``, ``final``, ``state-meta`` as JSON and the ``state-run`` /
+``state-dir`` of a train order); the node answers ``MetricRecord "personal"`` (``score``:
+its client's model on its own held-out share; empty if it held nothing out) or a failure.
+Like the local runtime's evaluation, it is not billed.
 """
 
 from __future__ import annotations
@@ -38,37 +48,60 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from lorafleet.algorithms.base import ClientResult, Payload, Tensors
+from lorafleet.algorithms.base import ClientResult, Payload, ServerState, Tensors
 from lorafleet.errors import UpdateRejected
 from lorafleet.runtimes.flower.link import FAILURE, PACKED_STYPE, failure_record
 
 __all__ = [
     "ClientReply",
+    "PersonalOrder",
     "TrainOrder",
     "failure_record",
+    "pack_tensors",
     "payload_record",
+    "personal_order_record",
+    "personal_reply_record",
     "read_payload",
+    "read_personal_order",
+    "read_personal_reply",
     "read_reply",
     "records_to_tensors",
+    "unpack_tensors",
     "update_record",
 ]
 
 PAYLOAD, BASE_DELTA, META = "payload", "base_delta", "lorafleet"
 UPDATE, METRICS = "update", "metrics"
+STATE, PERSONAL = "state", "personal"
 
 
 ORDER = "lorafleet.order"  # safetensors metadata: the tensors' names in their dict order
 
 
-def _tensors_record(tensors: Tensors) -> ArrayRecord:
-    """``tensors`` as an ArrayRecord of one packed Array (a safetensors file).
+def pack_tensors(tensors: Tensors) -> bytes:
+    """``tensors`` as a safetensors file's bytes, their dict order in its metadata.
 
     safetensors stores tensors sorted by dtype and name; their dict order is kept in the
-    file's metadata and restored on reading, because it matters: a client's trainer clips
-    the gradient norm summed over its parameters in the payload's order.
+    file's metadata and restored on reading (:func:`unpack_tensors`), because it matters: a
+    client's trainer clips the gradient norm summed over its parameters in the payload's
+    order.
     """
-    blob = save_tensors({k: v.detach().contiguous() for k, v in tensors.items()},
+    return save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                         metadata={ORDER: json.dumps(list(tensors))})
+
+
+def unpack_tensors(data: bytes, name: str) -> Tensors:
+    """The tensors :func:`pack_tensors` wrote, in their order.
+
+    Raises:
+        UpdateRejected: ``data`` (called ``name`` in the reason) is not such a file.
+    """
+    return _unpack(data, name, -1)
+
+
+def _tensors_record(tensors: Tensors) -> ArrayRecord:
+    """``tensors`` as an ArrayRecord of one packed Array (:func:`pack_tensors`)."""
+    blob = pack_tensors(tensors)
     return ArrayRecord({PACKED_STYPE: Array(dtype="uint8", shape=(len(blob),),
                                             stype=PACKED_STYPE, data=blob)})
 
@@ -131,10 +164,13 @@ class TrainOrder:
     payload: Payload
     base_delta: Tensors
     experiment: str
+    state_run: str = ""  # the run token client-local state is kept under ("": none)
+    state_dir: str = ""  # where the server asks nodes to keep it on disk ("": their own)
 
 
 def payload_record(payload: Payload, *, round: int, client: int, experiment: str,
-                   base_delta: Tensors | None = None) -> RecordDict:
+                   base_delta: Tensors | None = None, state_run: str = "",
+                   state_dir: str = "") -> RecordDict:
     """The server's train message content for one client (``payload.extra`` stays home:
     remote clients get the merged base update in ``base_delta`` instead)."""
     meta = ConfigRecord({
@@ -145,6 +181,9 @@ def payload_record(payload: Payload, *, round: int, client: int, experiment: str
         "config": json.dumps(payload.config),
         "experiment": experiment,
     })
+    if state_run:
+        meta["state-run"] = state_run
+        meta["state-dir"] = state_dir
     content = RecordDict({PAYLOAD: _tensors_record(payload.tensors), META: meta})
     if base_delta:
         content[BASE_DELTA] = _tensors_record(base_delta)
@@ -168,7 +207,9 @@ def read_payload(content: RecordDict) -> TrainOrder:
     )
     return TrainOrder(round=int(meta["round"]),  # type: ignore[arg-type]
                       client=client, payload=payload, base_delta=base_delta,
-                      experiment=str(meta["experiment"]))
+                      experiment=str(meta["experiment"]),
+                      state_run=str(meta.get("state-run", "")),
+                      state_dir=str(meta.get("state-dir", "")))
 
 
 def _array_record(content: RecordDict, key: str) -> ArrayRecord:
@@ -227,3 +268,62 @@ def read_reply(content: RecordDict, client: int) -> ClientReply:
         result=ClientResult(tensors=tensors, num_examples=0, metrics=metrics),
         tokens=tokens, failure=None, bytes_up=sum(len(a.data) for a in record.values()),
     )
+
+
+@dataclass
+class PersonalOrder:
+    """Evaluate ``client``'s own model with the server's ``state`` after ``round``."""
+
+    round: int
+    client: int
+    state: ServerState
+    experiment: str
+    final: bool
+    state_run: str
+    state_dir: str
+
+
+def personal_order_record(state: ServerState, *, round: int, client: int, experiment: str,
+                          final: bool, state_run: str, state_dir: str = "") -> RecordDict:
+    """The server's evaluate message content for one client's personalised evaluation."""
+    meta = ConfigRecord({"round": int(round), "client": int(client), "experiment": experiment,
+                         "final": bool(final), "state-meta": json.dumps(state.meta),
+                         "state-run": state_run, "state-dir": state_dir})
+    return RecordDict({STATE: _tensors_record(state.tensors), META: meta})
+
+
+def read_personal_order(content: RecordDict) -> PersonalOrder:
+    """The :class:`PersonalOrder` a :func:`personal_order_record` carries."""
+    meta = content[META]
+    if not isinstance(meta, ConfigRecord):
+        raise ValueError(f"the message's {META!r} record is not a ConfigRecord")
+    client = int(meta["client"])  # type: ignore[arg-type]
+    tensors = records_to_tensors(_array_record(content, STATE), client)
+    return PersonalOrder(
+        round=int(meta["round"]), client=client,  # type: ignore[arg-type]
+        state=ServerState(tensors=tensors, meta=dict(json.loads(str(meta["state-meta"])))),
+        experiment=str(meta["experiment"]), final=bool(meta["final"]),
+        state_run=str(meta["state-run"]), state_dir=str(meta.get("state-dir", "")))
+
+
+def personal_reply_record(score: float | None) -> RecordDict:
+    """A node's answer to a personalised evaluation (None: it held nothing out)."""
+    return RecordDict({PERSONAL: MetricRecord({} if score is None else {"score": float(score)})})
+
+
+def read_personal_reply(content: RecordDict) -> float | None | str:
+    """The score a :func:`personal_reply_record` carries (None: nothing held out), or the
+    failure's one-line reason (a ``str``)."""
+    if FAILURE in content:
+        failure = content[FAILURE]
+        reason = failure["reason"] if isinstance(failure, ConfigRecord) else "no reason given"
+        return str(reason).splitlines()[0] if str(reason) else "no reason given"
+    record = content.get(PERSONAL)
+    if not isinstance(record, MetricRecord):
+        return f"the reply holds no {PERSONAL!r} MetricRecord"
+    score = record.get("score")
+    if score is None:
+        return None
+    if not isinstance(score, int | float) or isinstance(score, bool):
+        return f"the personal score is {score!r}, not a number"
+    return float(score)
