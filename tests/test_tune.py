@@ -96,3 +96,16 @@ def test_tune_never_evaluates_on_the_evaluation_split(tmp_path, tiny_bert_dir, t
         assert stored.data.evaluate_on == "test"
     with pytest.raises(ConfigError, match="no tuned values for hetlora"):
         read_tuned(tmp_path / "clean", ["hetlora"])
+
+
+def test_the_shipped_tuned_choice_reads_as_compare_overrides() -> None:
+    """configs/tuned/paper-glue-bbc (docs/results.md's tuned BBC table) is a tune result
+    `compare --tuned` accepts: each method's chosen lr, as --set overrides."""
+    shipped = Path(__file__).parent.parent / "configs" / "tuned" / "paper-glue-bbc"
+    algorithms = ["fslora", "fedavg", "hetlora", "flexlora", "flora"]
+    overrides = read_tuned(shipped, algorithms)
+    assert overrides == {"fslora": ["train.lr=0.01"], "fedavg": ["train.lr=0.005"],
+                         "hetlora": ["train.lr=0.01"], "flexlora": ["train.lr=0.005"],
+                         "flora": ["train.lr=0.005"]}
+    with pytest.raises(ConfigError, match="no tuned values for centralized"):
+        read_tuned(shipped, ["centralized"])
