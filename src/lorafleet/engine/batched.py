@@ -45,7 +45,7 @@ from lorafleet.models.adapters import training_mode
 from lorafleet.runtimes.session import CLIENT_ERRORS, train_client
 from lorafleet.runtimes.trace import trace
 
-__all__ = ["Outcome", "batchable", "train_clients", "train_group"]
+__all__ = ["Outcome", "batchable", "fp32_refusal", "train_clients", "train_group"]
 
 log = logging.getLogger("lorafleet")
 
@@ -100,11 +100,17 @@ class _Replay:
 
 def batchable(exp: Experiment) -> str | None:
     """Why ``exp``'s clients cannot be batched exactly (None: they can)."""
-    tc = exp.cfg.train
     if exp.algorithm.split_learning:  # lockstep device and server steps
         from lorafleet.engine.split_batched import split_batchable
 
         return split_batchable(exp)
+    return fp32_refusal(exp)
+
+
+def fp32_refusal(exp: Experiment) -> str | None:
+    """What any batched engine (federated or split) cannot run exactly: client-local
+    state, precision other than fp32, accumulation, checkpointing, a quantized base."""
+    tc = exp.cfg.train
     if exp.algorithm.keeps_client_state:
         return "the algorithm keeps client-local state (each client trains with its own)"
     if tc.precision != "fp32":

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from lorafleet.algorithms.base import Payload, Tensors, lora_key, split_key
 from lorafleet.algorithms.split import IMPORTANCE_PREFIX
-from lorafleet.engine.batched import Outcome, _Job, _record, _train_and_replay
+from lorafleet.engine.batched import Outcome, _Job, _record, _train_and_replay, fp32_refusal
 from lorafleet.engine.randomness import BatchingUnsupported, ClientRandomness, Segment
 from lorafleet.engine.rows import ClientAdapter, RowAdapters, client_adapter
 from lorafleet.engine.sizing import group_size
@@ -72,20 +72,9 @@ MAX_IDLE_SHARE = 0.25  # of a server pass's layer work that placeholder rows may
 
 def split_batchable(exp: Experiment) -> str | None:
     """Why ``exp``'s split clients cannot be batched exactly (None: they can)."""
-    tc = exp.cfg.train
     if exp.cfg.split.labels != "server":
         return "split.labels is device (the server's logits go back per client)"
-    if exp.algorithm.keeps_client_state:
-        return "the algorithm keeps client-local state (each client trains with its own)"
-    if tc.precision != "fp32":
-        return f"train.precision is {tc.precision} (the batched engine runs fp32)"
-    if tc.grad_accum_steps != 1:
-        return "train.grad_accum_steps > 1"
-    if tc.gradient_checkpointing:
-        return "gradient checkpointing would redraw dropout in the recomputation"
-    if exp.model.quantized:
-        return "the base is quantized"
-    return None
+    return fp32_refusal(exp)
 
 
 def _trainer_fits(trainer: Any) -> bool:
